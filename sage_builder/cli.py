@@ -1,0 +1,207 @@
+"""The ``sage`` command: a thin shell that parses, validates and calls library functions.
+
+Stage packages add their own commands (``validate``, ``export``, ``publish``, ``generate``,
+``users``) through an optional ``sage_builder/stages/<stage>/cli.py`` with ``register(app)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from sage_builder import PROJECT_ROOT
+from sage_builder.cli_util import handle_errors, setup_logging
+from sage_builder.config import PipelineConfig, dump_config, load_config
+from sage_builder.errors import ConfigError
+from sage_builder.stages import STAGE_ORDER, all_stages, get_stage
+from sage_builder.store import RunDir, atomic_write_text
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Regenerate Sage (PSA's personalized-safety dataset) and train its user adapter.")
+models_app = typer.Typer(no_args_is_help=True, help="Small offline models for the demo and tests.")
+app.add_typer(models_app, name="models")
+
+DEFAULT_PIPELINE = PROJECT_ROOT / "pipelines" / "demo.yaml"
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML (see pipelines/)")]
+RunOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory for outputs and manifests")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
+def _prepare_run(config_path: Path, run_dir: Path, overrides: list[str] | None) -> tuple[PipelineConfig, RunDir]:
+    config = load_config(config_path, overrides)
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.root / "config.yaml", dump_config(config))
+    return config, run
+
+
+@app.command("run")
+@handle_errors
+def run_all(
+    config_path: ConfigOpt = DEFAULT_PIPELINE,
+    run_dir: RunOpt = Path("runs/demo"),
+    overrides: SetOpt = None,
+    until: Annotated[Optional[str], typer.Option(help="stop after this stage (name or number)")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option(help="stages to leave out (name or number)")] = None,
+    force: Annotated[bool, typer.Option(help="recompute even if up to date (drops item caches)")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run every stage in order; finished stages whose inputs and config are unchanged are skipped."""
+    from sage_builder.stages.base import run_stage
+
+    setup_logging(verbose)
+    config, run = _prepare_run(config_path, run_dir, overrides)
+    last = get_stage(until).name if until else STAGE_ORDER[-1]
+    skipped = {get_stage(s).name for s in skip or []}
+    for stage in all_stages():
+        if stage.name not in skipped:
+            run_stage(stage, config, run, force=force)
+        if stage.name == last:
+            break
+
+
+@app.command("stage")
+@handle_errors
+def run_one(
+    name: Annotated[str, typer.Argument(help="stage name or number: " + ", ".join(
+        f"{i + 1}={n}" for i, n in enumerate(STAGE_ORDER)))],
+    config_path: ConfigOpt = DEFAULT_PIPELINE,
+    run_dir: RunOpt = Path("runs/demo"),
+    overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="recompute even if up to date (drops item caches)")] = False,
+    contact_sheet: Annotated[int, typer.Option(
+        help="render: also write a PNG grid of N pairs (content warning in its name)")] = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run one stage (resumes from finished items if it was interrupted)."""
+    from sage_builder.stages.base import run_stage
+
+    setup_logging(verbose)
+    config, run = _prepare_run(config_path, run_dir, overrides)
+    run_stage(get_stage(name), config, run, force=force, options={"contact_sheet": contact_sheet})
+
+
+def _status_rows(run: RunDir, config: PipelineConfig | None) -> list[dict[str, Any]]:
+    from dataclasses import asdict
+
+    from sage_builder.stages.base import stage_status
+
+    return [asdict(stage_status(stage, config, run)) for stage in all_stages()]
+
+
+@app.command("status")
+@handle_errors
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="run directory")] = Path("runs/demo"),
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    config_path: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="compare against this config (default: the run's own config.yaml)")] = None,
+) -> None:
+    """Per stage: done / partial / stale / missing, row counts, outputs and when."""
+    run = RunDir(run_dir)
+    if not run.root.exists():
+        raise ConfigError(f"{run_dir}: no such run directory (start one with `sage run --run-dir {run_dir}`)")
+    saved = run.root / "config.yaml"
+    config = load_config(config_path) if config_path else (load_config(saved) if saved.exists() else None)
+    rows = _status_rows(run, config)
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(run.root.resolve()), "stages": rows}, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sage status {run_dir}")
+    for column in ("#", "stage", "state", "rows", "finished", "seconds", "note"):
+        table.add_column(column)
+    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "red"}
+    for row in rows:
+        finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["finished_at"])) if row["finished_at"] else ""
+        table.add_row(str(row["number"]), row["name"], f"[{colours[row['state']]}]{row['state']}[/]",
+                      ", ".join(f"{Path(k).name}={v}" for k, v in row["rows"].items()), finished,
+                      f"{row['seconds']:.1f}" if row["seconds"] is not None else "", row["reason"])
+    console = Console()
+    console.print(table)
+    for row in rows:
+        if row["report"]:
+            console.print(f"[bold]{row['name']}[/]: " + json.dumps(row["report"], default=str)[:2000])
+
+
+@app.command("plan")
+@handle_errors
+def plan(
+    config_path: ConfigOpt = DEFAULT_PIPELINE,
+    overrides: SetOpt = None,
+    target_hours: Annotated[Optional[float], typer.Option(
+        help="wall-clock target: how many GPUs the GPU work needs to finish in this many hours")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Dry run: items, LLM calls and GPU-seconds each stage expects (nothing is written)."""
+    config = load_config(config_path, overrides)
+    rows = []
+    for stage in all_stages():
+        p = stage.plan(config)
+        rows.append({"stage": stage.name, "items": p.items, "unit": p.unit, "llm_calls": p.llm_calls,
+                     "gpu_seconds": p.gpu_seconds, "notes": p.notes})
+    gpu_total = sum(r["gpu_seconds"] or 0 for r in rows)
+    summary: dict[str, Any] = {"gpu_hours": round(gpu_total / 3600, 2)}
+    if target_hours:
+        summary["gpus_for_target"] = max(1, math.ceil(gpu_total / (target_hours * 3600)))
+    if as_json:
+        typer.echo(json.dumps({"stages": rows, "summary": summary}, indent=2))
+        return
+    for r in rows:
+        extra = []
+        if r["llm_calls"] is not None:
+            extra.append(f"{r['llm_calls']} LLM calls")
+        if r["gpu_seconds"] is not None:
+            extra.append(f"{r['gpu_seconds'] / 3600:.2f} GPU-hours")
+        typer.echo(f"{r['stage']:>9}: {r['items']} {r['unit']}" + (f" ({', '.join(extra)})" if extra else "")
+                   + "".join(f"\n{'':>11}{n}" for n in r["notes"]))
+    typer.echo(f"total GPU work: {summary['gpu_hours']} GPU-hours"
+               + (f"; {summary['gpus_for_target']} GPUs for {target_hours} h" if target_hours else ""))
+
+
+@app.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON schema of pipeline configs (every key, type, default and description)."""
+    typer.echo(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+
+
+@models_app.command("prepare")
+@handle_errors
+def models_prepare(
+    out: Annotated[Path, typer.Option(help="folder for the prepared models")] = Path(".cache/models"),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Build or unpack the small offline models the demo and tests use (no downloads)."""
+    from sage_builder.models import prepare_offline_models
+
+    setup_logging(verbose)
+    for name, path in prepare_offline_models(out).items():
+        typer.echo(f"{name}: {path}")
+
+
+def _register_stage_commands() -> None:
+    for name in STAGE_ORDER:
+        module_name = f"sage_builder.stages.{name}.cli"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_stage_commands()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,200 @@
+"""The pipeline configuration: one pydantic model tree, loaded from YAML, the single source of truth.
+
+Every stage's section lives beside that stage (``sage_builder/stages/<stage>/config.py``) and is
+assembled here. Fields built with :func:`execution` (batch sizes, concurrency, workers) say *how*
+work runs, not *what* it produces: they are left out of every hash, so changing them never
+invalidates finished items.
+
+Relative paths in a YAML file are resolved against the folder that holds that file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from sage_builder import PROJECT_ROOT
+from sage_builder.errors import ConfigError
+
+DEFAULT_CATEGORIES = ["Hate", "Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda"]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = Path(os.path.expanduser(str(value)))
+    if base is not None and not value.is_absolute():
+        value = (Path(base) / value).resolve()
+    return value
+
+
+def _resolve_model_ref(value: str | None, info: ValidationInfo) -> str | None:
+    """A model is a hub id (``org/name``) or a local folder; local-looking values become absolute."""
+    if value is None:
+        return None
+    if value.startswith(("./", "../", "/", "~")) or value in {".", ".."}:
+        return str(_resolve_path(Path(value), info))
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+ModelRef = Annotated[str, AfterValidator(_resolve_model_ref)]
+OptionalModelRef = Annotated[str | None, AfterValidator(_resolve_model_ref)]
+
+
+def execution(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
+    """A setting that changes how work is scheduled, never what it produces (not hashed)."""
+    return Field(default, description=description, json_schema_extra={"execution": True}, **kwargs)
+
+
+def project_file(*parts: str) -> Path:
+    return PROJECT_ROOT.joinpath(*parts)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def hashable_dump(model: BaseModel) -> dict[str, Any]:
+    """The model as plain data without execution-only fields, for hashing."""
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("execution"):
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = hashable_dump(value)
+        elif isinstance(value, (list, tuple)):
+            out[name] = [hashable_dump(v) if isinstance(v, BaseModel) else _plain(v) for v in value]
+        elif isinstance(value, dict):
+            out[name] = {k: hashable_dump(v) if isinstance(v, BaseModel) else _plain(v) for k, v in value.items()}
+        else:
+            out[name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+class LLMConfig(StrictModel):
+    """Which LLM answers the stage's requests, and how it samples."""
+
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    model: ModelRef = Field(description="hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a local model folder")
+    revision: str | None = Field(None, description="hub revision (commit) to pin; recorded in manifests")
+    gguf_file: str | None = Field(None, description="transformers backend: load this GGUF file inside `model`")
+    base_url: str | None = execution(None, description="openai backend: the endpoint, e.g. http://host:8000/v1")
+    api_key_env: str = execution("OPENAI_API_KEY", description="environment variable holding the API key")
+    served_model_name: str | None = Field(None, description="openai backend: model name to send (default: model)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    seed: int = Field(0, description="base sampling seed; each request's seed derives from it and the item key")
+    max_attempts: int = Field(3, ge=1, le=20, description="tries per item before it goes to the rejects table")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = execution("auto")
+    device: str = execution("auto", description="transformers backend: cpu, cuda, cuda:1 or auto")
+    concurrency: int = execution(8, ge=1, le=4096, description="openai backend: requests in flight")
+    request_timeout_s: float = execution(120.0, gt=0)
+    batch_size: int = execution(16, ge=1, description="transformers backend: prompts per generate() call")
+    tensor_parallel_size: int = execution(1, ge=1)
+    gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0)
+    max_model_len: int | None = execution(None, ge=64)
+    replicas: int = execution(1, ge=1, description="executor=ray: engine replicas")
+
+
+# Imported late: the stage sections use StrictModel, execution and the path types above.
+from sage_builder.stages.label.config import LabelConfig  # noqa: E402
+from sage_builder.stages.profiles.config import ProfilesConfig  # noqa: E402
+from sage_builder.stages.prompts.config import PromptsConfig  # noqa: E402
+from sage_builder.stages.publish.config import PublishConfig  # noqa: E402
+from sage_builder.stages.render.config import RenderConfig  # noqa: E402
+from sage_builder.stages.train.config import TrainConfig  # noqa: E402
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(description="a short name for the run configuration")
+    seed: int = Field(2025, description="global seed; every per-item seed derives from it and the item's key")
+    categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES), min_length=1)
+    executor: Literal["local", "ray"] = execution("local")
+    llm: LLMConfig
+    profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    source: Path | None = execution(None, description="the YAML file this was loaded from (set by the loader)")
+
+    @field_validator("categories")
+    @classmethod
+    def _unique_categories(cls, value: list[str]) -> list[str]:
+        seen = set()
+        for name in value:
+            if not name.strip():
+                raise ValueError("a category name is empty")
+            if name.lower() in seen:
+                raise ValueError(f"category '{name}' is listed twice")
+            seen.add(name.lower())
+        return value
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `sage config-schema`)"
+        problems.append(f"{key}: {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None, source: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline YAML; ``overrides`` are ``dotted.key=yaml-value`` strings."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such pipeline file (the shipped ones are in pipelines/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set profiles.n_users=20")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    config = config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
+    config.source = path.resolve()
+    return config
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """YAML of the resolved config (absolute paths), as saved into each run directory."""
+    data = config.model_dump(mode="json", exclude={"source"})
+    return yaml.safe_dump(data, sort_keys=False)

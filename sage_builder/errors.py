@@ -1,0 +1,15 @@
+"""User-facing errors: one line that names the record, key or file and says what to do next."""
+
+
+class SageError(Exception):
+    """An error the CLI prints as one line (no traceback) before exiting non-zero."""
+
+    exit_code = 2
+
+
+class ConfigError(SageError):
+    """A pipeline configuration that cannot be used as written."""
+
+
+class StageInputError(SageError):
+    """A stage's inputs (upstream outputs, files, models) are missing or inconsistent."""

@@ -1,0 +1,182 @@
+"""One interface for every LLM backend, and the validate-retry-reject loop they share.
+
+A stage builds :class:`LLMRequest` objects (an item key, chat messages, a pydantic reply schema)
+and iterates ``backend.run(requests)``: it yields one :class:`LLMResult` per request as soon as
+that request is settled, either with a validated reply or with the reason it was rejected after
+``max_attempts`` tries. Replies are never replaced by defaults: a rejected item stays rejected.
+
+A backend implements only ``_complete``: send a batch of (request, seed) and yield each reply's
+raw text, or a :class:`TransportFailure` when the transport gave up. JSON-schema constrained
+decoding is the backend's job; parsing, validation and refusal checks happen here, for all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from sage_builder.errors import SageError
+from sage_builder.llm.refusal import looks_like_refusal
+
+if TYPE_CHECKING:
+    from sage_builder.config import LLMConfig
+
+log = logging.getLogger("sage.llm")
+
+# A check returns None when the reply is acceptable, else a short reason ("refusal", ...).
+ReplyCheck = Callable[[BaseModel], "str | None"]
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    key: str
+    messages: list[dict[str, str]]
+    schema: type[BaseModel]
+    check: ReplyCheck | None = None
+    max_new_tokens: int | None = None
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.schema.model_json_schema()
+
+
+@dataclass
+class LLMResult:
+    key: str
+    value: BaseModel | None
+    raw: str | None
+    reason: str | None
+    attempts: int
+    seed: int
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class TransportFailure:
+    """The transport gave up on a request (after its own retries): reason like 'http_429', 'timeout'."""
+
+    reason: str
+    detail: str = ""
+
+
+def derive_seed(base: int, key: str, attempt: int) -> int:
+    """Per-request sampling seed: reproducible, independent of batch order, new on each retry."""
+    digest = hashlib.sha256(f"{base}:{key}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def judge_reply(request: LLMRequest, raw: str | TransportFailure) -> tuple[BaseModel | None, str | None, str]:
+    """Parse and validate one raw reply: (value, reason, detail). reason None means accepted."""
+    if isinstance(raw, TransportFailure):
+        return None, raw.reason, raw.detail
+    text = raw.strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        reason = "refusal" if looks_like_refusal(text) else "invalid_json"
+        return None, reason, f"{exc.msg} at char {exc.pos}"
+    try:
+        value = request.schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return None, "schema", f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+    if request.check is not None:
+        reason = request.check(value)
+        if reason:
+            return None, reason, ""
+    return value, None, ""
+
+
+class LLMBackend(ABC):
+    """Turns a list of requests into settled results; subclasses only implement ``_complete``."""
+
+    name: str = "base"
+
+    def __init__(self, config: LLMConfig):
+        self.config = config
+
+    def describe(self) -> dict[str, Any]:
+        """Model and sampling settings, recorded with every output."""
+        c = self.config
+        return {"backend": self.name, "model": c.model, "revision": c.revision, "gguf_file": c.gguf_file,
+                "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+                "seed": c.seed, "max_attempts": c.max_attempts}
+
+    def check_ready(self) -> None:
+        """Raise SageError with a one-line message if the backend cannot serve (missing model, no server)."""
+
+    @abstractmethod
+    def _complete(self, batch: Sequence[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:
+        """Send every (request, seed); yield (request key, raw reply text or TransportFailure) as each ends."""
+
+    def run(self, requests: Iterable[LLMRequest], progress: Callable[[LLMResult], None] | None = None
+            ) -> Iterator[LLMResult]:
+        pending: dict[str, LLMRequest] = {}
+        for request in requests:
+            if request.key in pending:
+                raise SageError(f"two LLM requests share the item key {request.key}; keys must be unique")
+            pending[request.key] = request
+        errors: dict[str, list[str]] = {key: [] for key in pending}
+        for attempt in range(1, self.config.max_attempts + 1):
+            if not pending:
+                break
+            batch = [(req, derive_seed(self.config.seed, key, attempt)) for key, req in pending.items()]
+            seeds = {req.key: seed for req, seed in batch}
+            for key, raw in self._complete(batch):
+                request = pending.get(key)
+                if request is None:
+                    continue
+                value, reason, detail = judge_reply(request, raw)
+                raw_text = raw if isinstance(raw, str) else None
+                if reason is not None:
+                    errors[key].append(f"attempt {attempt}: {reason}" + (f" ({detail})" if detail else ""))
+                    if attempt < self.config.max_attempts:
+                        continue
+                del pending[key]
+                result = LLMResult(key, value, raw_text, reason, attempt, seeds[key], errors.pop(key))
+                if progress is not None:
+                    progress(result)
+                yield result
+        for key in list(pending):
+            # A backend that dropped a request must not make it vanish silently.
+            result = LLMResult(key, None, None, "no_reply", self.config.max_attempts, -1, errors.pop(key, []))
+            yield result
+
+    def close(self) -> None:
+        """Release engines, threads and memory."""
+
+    def __enter__(self) -> LLMBackend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def make_backend(config: LLMConfig) -> LLMBackend:
+    """Build the configured backend; heavy imports (vllm, torch) happen only here."""
+    if config.backend == "openai":
+        from sage_builder.llm.openai_backend import OpenAIBackend
+
+        backend: LLMBackend = OpenAIBackend(config)
+    elif config.backend == "transformers":
+        from sage_builder.llm.transformers_backend import TransformersBackend
+
+        backend = TransformersBackend(config)
+    elif config.backend == "vllm":
+        from sage_builder.llm.vllm_backend import VLLMBackend
+
+        backend = VLLMBackend(config)
+    else:  # pragma: no cover - the config literal forbids it
+        raise SageError(f"llm.backend: unknown backend '{config.backend}'")
+    backend.check_ready()
+    return backend

@@ -1,0 +1,207 @@
+"""What a stage is, and how one is run against a run directory (skip, resume, manifest).
+
+A stage says *what* it computes (``run``) and what determines its output (``fingerprint_parts``);
+``run_stage`` decides *whether* it needs to run and records the manifest. Where the work executes
+(in-process, Ray) is the stage's executor setting, not this module's concern.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+from sage_builder.store import Manifest, RunDir, StageDir, file_sha256, package_versions, stable_hash, write_parquet
+
+if TYPE_CHECKING:
+    from sage_builder.config import PipelineConfig
+
+log = logging.getLogger("sage")
+
+
+@dataclass
+class StagePlan:
+    """What a dry run expects a stage to do (``sage plan``)."""
+
+    items: int
+    unit: str = "items"
+    llm_calls: int | None = None
+    gpu_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    config: PipelineConfig
+    run: RunDir
+    stage_dir: StageDir
+    options: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def input(self, stage: str) -> Manifest:
+        return self.run.manifest_of(stage, needed_by=self.stage_dir.name)
+
+    def input_path(self, stage: str, relpath: str) -> Path:
+        self.input(stage)
+        return self.run.stage(stage).file(relpath)
+
+    def write_table(self, relpath: str, table: pa.Table | Any, **kwargs: Any) -> Path:
+        """Write one Parquet output of this stage atomically and list it in the manifest."""
+        path = self.stage_dir.file(relpath)
+        write_parquet(table, path, **kwargs)
+        self.add_output(relpath)
+        return path
+
+    def add_output(self, relpath: str) -> None:
+        """Declare a file the stage wrote itself (PNG, JSON report, shard) as an output."""
+        if relpath not in self.outputs:
+            self.outputs.append(relpath)
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    number: ClassVar[int]
+    inputs: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+
+    def config_section(self, config: PipelineConfig) -> Any:
+        """The part of the config that determines this stage's output (execution fields are dropped)."""
+        return getattr(config, self.name)
+
+    def templates(self, config: PipelineConfig) -> dict[str, Path]:
+        """Prompt templates this stage uses; their content hashes enter the fingerprint."""
+        return {}
+
+    def model_ids(self, config: PipelineConfig) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def fingerprint_parts(self, config: PipelineConfig) -> dict[str, Any]:
+        """Anything beyond section, templates, models and inputs that determines the output."""
+        return {"seed": config.seed, "categories": config.categories}
+
+    def check(self, config: PipelineConfig, run: RunDir) -> None:
+        """Reject bad input before anything is written (raise SageError with a one-line message)."""
+
+    def plan(self, config: PipelineConfig) -> StagePlan:
+        return StagePlan(items=0)
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> None:
+        """Compute and write the outputs through ``ctx``; resumable at item granularity."""
+
+    def report(self, stage_dir: StageDir, manifest: Manifest) -> dict[str, Any]:
+        """A small summary for ``sage status`` (default: the manifest's stats)."""
+        return manifest.stats
+
+
+def template_hashes(stage: Stage, config: PipelineConfig) -> dict[str, str]:
+    return {name: file_sha256(path) for name, path in sorted(stage.templates(config).items())}
+
+
+def fingerprint(stage: Stage, config: PipelineConfig, run: RunDir) -> tuple[str, dict[str, str]]:
+    """(fingerprint, input manifest hashes). Raises StageInputError if an input stage is not done."""
+    inputs = {name: run.manifest_of(name, needed_by=stage.name).content_hash() for name in stage.inputs}
+    value = stable_hash(
+        stage.name,
+        stage.config_section(config),
+        template_hashes(stage, config),
+        stage.model_ids(config),
+        stage.fingerprint_parts(config),
+        inputs,
+    )
+    return value, inputs
+
+
+@dataclass
+class StageStatus:
+    name: str
+    number: int
+    state: str  # done | stale | partial | missing
+    rows: dict[str, int]
+    outputs: list[str]
+    manifest_hash: str | None
+    finished_at: float | None
+    seconds: float | None
+    reason: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir) -> StageStatus:
+    stage_dir = run.stage(stage.name)
+    manifest = stage_dir.read_manifest()
+    if manifest is None:
+        state = "partial" if stage_dir.has_partial_work() else "missing"
+        return StageStatus(stage.name, stage.number, state, {}, [], None, None, None)
+    state, reason = "done", ""
+    missing = [rel for rel in manifest.outputs if not stage_dir.file(rel).exists()]
+    if missing:
+        state, reason = "partial", f"output missing: {missing[0]}"
+    else:
+        for name, recorded in manifest.inputs.items():
+            upstream = run.stage(name).read_manifest()
+            if upstream is None or upstream.content_hash() != recorded:
+                state, reason = "stale", f"input stage '{name}' changed"
+                break
+        if state == "done" and config is not None:
+            try:
+                current, _ = fingerprint(stage, config, run)
+            except Exception as exc:  # noqa: BLE001 - status must describe, never crash
+                current, reason = None, str(exc)
+            if current != manifest.fingerprint:
+                state, reason = "stale", reason or "configuration or templates changed"
+    try:
+        report = stage.report(stage_dir, manifest)
+    except Exception as exc:  # noqa: BLE001
+        report = {"error": f"report unavailable: {exc}"}
+    return StageStatus(stage.name, stage.number, state, manifest.rows,
+                       [str(stage_dir.file(rel)) for rel in manifest.outputs], manifest.content_hash(),
+                       manifest.finished_at, manifest.seconds, reason, report)
+
+
+def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = False,
+              options: dict[str, Any] | None = None) -> Manifest:
+    """Run one stage unless its manifest already matches; write the manifest last."""
+    stage_dir = run.stage(stage.name)
+    stage.check(config, run)
+    value, inputs = fingerprint(stage, config, run)
+    existing = stage_dir.read_manifest()
+    if existing is not None and not force and existing.fingerprint == value:
+        if all(stage_dir.file(rel).exists() for rel in existing.outputs):
+            log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
+            return existing
+    if existing is not None:
+        stage_dir.invalidate()
+    if force:
+        shutil.rmtree(stage_dir.path / "_items", ignore_errors=True)
+    started = time.time()
+    ctx = StageContext(config=config, run=run, stage_dir=stage_dir, options=dict(options or {}))
+    ctx.models = stage.model_ids(config)
+    stage.run(ctx)
+    described = stage_dir.describe_outputs(ctx.outputs)
+    finished = time.time()
+    manifest = Manifest(
+        stage=stage.name,
+        fingerprint=value,
+        config_hash=stable_hash(stage.config_section(config)),
+        templates=template_hashes(stage, config),
+        models=ctx.models,
+        inputs=inputs,
+        outputs=described,
+        rows={rel: f.rows for rel, f in described.items() if f.rows is not None},
+        packages=package_versions(),
+        started_at=started,
+        finished_at=finished,
+        seconds=round(finished - started, 3),
+        stats=ctx.stats,
+    )
+    stage_dir.write_manifest(manifest)
+    log.info("stage %s: done in %.1f s -> %s", stage.name, manifest.seconds, stage_dir.path)
+    return manifest

@@ -1,0 +1,293 @@
+"""The run directory: each stage's Parquet outputs, its manifest, and its resumable item parts.
+
+Layout of a run directory::
+
+    RUN/config.yaml                 the resolved pipeline configuration of the last run
+    RUN/<stage>/manifest.json       written last, atomically: the stage is done when it exists
+    RUN/<stage>/*.parquet           the stage's outputs (sha256 of each in the manifest)
+    RUN/<stage>/_items/<name>/      crash-safe parts of finished items, keyed by item key
+
+Nothing is ever written in place: files go to a temporary name in the same folder and are
+renamed, so a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from sage_builder.errors import StageInputError
+
+MANIFEST_NAME = "manifest.json"
+ITEM_KEY = "item_key"
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        from sage_builder.config import hashable_dump
+
+        return hashable_dump(obj)
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, bytes):
+        return hashlib.sha256(obj).hexdigest()
+    if isinstance(obj, float) and obj.is_integer():
+        # 1.0 and 1 must hash alike, or a YAML "1" vs "1.0" would invalidate items.
+        return int(obj)
+    return obj
+
+
+def stable_hash(*parts: Any, length: int = 64) -> str:
+    """sha256 of the canonical JSON of ``parts`` (dict order and int/float spelling ignored)."""
+    payload = json.dumps(_canonical(list(parts)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_parquet(table: pa.Table | Any, path: Path, **kwargs: Any) -> pa.Table:
+    """Write a pyarrow Table (or pandas DataFrame) atomically; returns the table written."""
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+    return table
+
+
+class OutputFile(BaseModel):
+    sha256: str
+    bytes: int
+    rows: int | None = None
+
+
+class Manifest(BaseModel):
+    """What a finished stage wrote and everything that determined it."""
+
+    stage: str
+    fingerprint: str = Field(description="hash of config section, templates, models and input manifests")
+    config_hash: str
+    templates: dict[str, str] = Field(default_factory=dict, description="template name -> sha256")
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict, description="upstream stage -> manifest hash")
+    outputs: dict[str, OutputFile] = Field(default_factory=dict, description="path relative to the stage dir")
+    rows: dict[str, int] = Field(default_factory=dict)
+    packages: dict[str, str] = Field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    seconds: float = 0.0
+    stats: dict[str, Any] = Field(default_factory=dict, description="stage-specific figures (reports, counts)")
+
+    def content_hash(self) -> str:
+        """Hash downstream stages record as their input: what was produced, not when."""
+        return stable_hash(self.stage, self.fingerprint, {k: v.sha256 for k, v in self.outputs.items()})
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = ["sage-builder", "torch", "diffusers", "transformers", "accelerate", "datasets", "pyarrow",
+             "pandas", "numpy", "pydantic", "openai", "huggingface_hub", "vllm", "llguidance"]
+    versions = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+class StageDir:
+    """One stage's folder inside a run directory."""
+
+    def __init__(self, run: RunDir, name: str):
+        self.run = run
+        self.name = name
+        self.path = run.root / name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    def read_manifest(self) -> Manifest | None:
+        if not self.manifest_path.exists():
+            return None
+        try:
+            return Manifest.model_validate_json(self.manifest_path.read_text())
+        except ValueError as exc:
+            raise StageInputError(f"{self.manifest_path}: unreadable manifest ({exc.__class__.__name__}); "
+                                  f"rerun the stage with --force") from exc
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        atomic_write_text(self.manifest_path, manifest.model_dump_json(indent=2))
+
+    def invalidate(self) -> None:
+        """Drop the completion marker; item parts stay, since their keys say whether they still apply."""
+        self.manifest_path.unlink(missing_ok=True)
+
+    def items(self, name: str = "items") -> ItemCache:
+        return ItemCache(self.path / "_items" / name)
+
+    def file(self, relpath: str) -> Path:
+        return self.path / relpath
+
+    def describe_outputs(self, relpaths: Iterable[str]) -> dict[str, OutputFile]:
+        described = {}
+        for rel in relpaths:
+            path = self.file(rel)
+            rows = pq.ParquetFile(path).metadata.num_rows if path.suffix == ".parquet" else None
+            described[rel] = OutputFile(sha256=file_sha256(path), bytes=path.stat().st_size, rows=rows)
+        return described
+
+    def has_partial_work(self) -> bool:
+        items = self.path / "_items"
+        return items.exists() and any(items.rglob("*.parquet"))
+
+
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self, name)
+
+    def manifest_of(self, stage: str, needed_by: str | None = None) -> Manifest:
+        manifest = self.stage(stage).read_manifest()
+        if manifest is None:
+            who = f"stage '{needed_by}' needs" if needed_by else "needs"
+            raise StageInputError(f"{who} the outputs of stage '{stage}' in {self.root}, which is not done; "
+                                  f"run `sage stage {stage} --run-dir {self.root}` first")
+        return manifest
+
+
+class ItemCache:
+    """Crash-safe, append-only store of finished items, keyed by ``item_key``.
+
+    Every flush writes one new Parquet part atomically, so ``kill -9`` loses at most the rows not
+    yet flushed; a rerun asks ``done_keys()`` and computes only what is missing. If two parts ever
+    hold the same key (parallel writers), the part that sorts first wins.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def parts(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        return sorted(self.directory.glob("part-*.parquet"))
+
+    def done_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for part in self.parts():
+            keys.update(pq.read_table(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
+        return keys
+
+    def write(self, rows: list[dict[str, Any]] | pa.Table, writer_id: str = "0") -> Path | None:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+        if table.num_rows == 0:
+            return None
+        if ITEM_KEY not in table.column_names:
+            raise ValueError(f"item rows need an '{ITEM_KEY}' column (got {table.column_names})")
+        name = f"part-{time.time_ns():020d}-{writer_id}-{uuid.uuid4().hex[:8]}.parquet"
+        path = self.directory / name
+        write_parquet(table, path)
+        return path
+
+    def read(self, keys: Iterable[str] | None = None, columns: list[str] | None = None) -> pa.Table | None:
+        """All finished items (or only ``keys``), one row per key, in part order."""
+        tables = []
+        for part in self.parts():
+            tables.append(pq.read_table(part, columns=columns))
+        if not tables:
+            return None
+        table = pa.concat_tables(tables, promote_options="default")
+        seen: set[str] = set()
+        wanted = set(keys) if keys is not None else None
+        mask = []
+        for key in table.column(ITEM_KEY).to_pylist():
+            keep = key not in seen and (wanted is None or key in wanted)
+            seen.add(key)
+            mask.append(keep)
+        return table.filter(pa.array(mask, type=pa.bool_()))
+
+    def writer(self, flush_rows: int = 64, flush_seconds: float = 30.0, writer_id: str = "0") -> ItemWriter:
+        return ItemWriter(self, flush_rows, flush_seconds, writer_id)
+
+    def clear(self) -> None:
+        for part in self.parts():
+            part.unlink()
+
+
+class ItemWriter:
+    """Buffers finished items and flushes a part every ``flush_rows`` rows or ``flush_seconds``."""
+
+    def __init__(self, cache: ItemCache, flush_rows: int, flush_seconds: float, writer_id: str):
+        self.cache = cache
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.writer_id = writer_id
+        self._rows: list[dict[str, Any]] = []
+        self._last = time.monotonic()
+        self.written = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows:
+            self.cache.write(self._rows, self.writer_id)
+            self.written += len(self._rows)
+            self._rows = []
+        self._last = time.monotonic()
+
+    def __enter__(self) -> ItemWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # Flush on errors too: finished items are worth keeping whatever broke the loop.
+        self.flush()
