@@ -1,0 +1,143 @@
+"""Tiny random-weight SDXL and SD1.5 pipelines, built in code (sizes as in diffusers' own tests).
+
+They run the real diffusers code paths (tokenizers, text encoders, UNet with cross-attention,
+VAE, scheduler) in about a second on a CPU, and are saved as ordinary pipeline folders so that the
+stages load them through ``from_pretrained`` exactly like real checkpoints. Their images are noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# 64 px images = 32 px latents with the two-block VAE below.
+TINY_RESOLUTION = 64
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (what byte-level BPE vocabularies use)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _char_tokenizer() -> Any:
+    """A character-level CLIP tokenizer: the byte-level alphabet, each also as a word end."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in alphabet:
+        vocab.setdefault(char, len(vocab))
+    for char in alphabet:
+        vocab.setdefault(char + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+
+
+def _text_config(tokenizer: Any, with_projection: bool) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=32, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4, sample_size=TINY_RESOLUTION,
+    )
+
+
+def _scheduler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, timestep_spacing="leading")
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
+    """A StableDiffusionXLPipeline with ~2 M random parameters (deterministic for a seed)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2,
+        in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    tokenizer = _char_tokenizer()
+    tokenizer_2 = _char_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, False))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, True))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(),
+    )
+
+
+def build_tiny_sd15_pipeline(seed: int = 0) -> Any:
+    """A StableDiffusionPipeline (SD1.5 layout) with random weights and no safety checker."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2,
+        in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=(2, 4),
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    tokenizer = _char_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, False))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _save(pipeline: Any, out: Path) -> Path:
+    out = Path(out)
+    if (out / "model_index.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    pipeline.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def save_tiny_sdxl(out: Path) -> Path:
+    return _save(build_tiny_sdxl_pipeline(), out)
+
+
+def save_tiny_sd15(out: Path) -> Path:
+    return _save(build_tiny_sd15_pipeline(), out)
