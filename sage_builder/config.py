@@ -102,6 +102,10 @@ class LLMConfig(StrictModel):
     device: str = execution("auto", description="transformers backend: cpu, cuda, cuda:1 or auto")
     concurrency: int = execution(8, ge=1, le=4096, description="openai backend: requests in flight")
     request_timeout_s: float = execution(120.0, gt=0)
+    max_retries: int = execution(6, ge=0, le=50, description="openai backend: transport retries on 429, 5xx, "
+                                 "timeouts and dropped connections before the request counts as failed")
+    retry_backoff_s: float = execution(1.0, ge=0.0, description="openai backend: first retry wait, doubling "
+                                       "up to 60 s (a longer Retry-After header wins)")
     batch_size: int = execution(16, ge=1, description="transformers backend: prompts per generate() call")
     tensor_parallel_size: int = execution(1, ge=1)
     gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0)

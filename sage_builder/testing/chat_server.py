@@ -121,9 +121,13 @@ def _schema_of(request: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class ChatServer:
-    """Start with ``with ChatServer(...) as srv`` (or ``start()``/``stop()``); point clients at ``srv.base_url``."""
+    """Start with ``with ChatServer(...) as srv`` (or ``start()``/``stop()``); point clients at ``srv.base_url``.
 
-    def __init__(self, script: Script | None = None, latency_s: float = 0.0, model: str = "test-model"):
+    ``model``: the name ``GET /v1/models`` lists (None: an empty list, so any name is accepted).
+    ``max_in_flight`` records the most chat calls that were open at once (for concurrency bounds).
+    """
+
+    def __init__(self, script: Script | None = None, latency_s: float = 0.0, model: str | None = None):
         self.script = script
         self.latency_s = latency_s
         self.model = model
@@ -158,7 +162,8 @@ class ChatServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # do not wait for handlers still sleeping in a Delay
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="chat-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="chat-server",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -216,8 +221,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         if self.path.rstrip("/") in ("/v1/models", "/models"):
+            # With no model name the list is empty: clients then skip their served-model check.
+            models = [] if self.owner.model is None else [self.owner.model]
             self._send(200, {"object": "list", "data": [
-                {"id": self.owner.model, "object": "model", "created": 0, "owned_by": "sage-test"}]})
+                {"id": name, "object": "model", "created": 0, "owned_by": "sage-test"} for name in models]})
         else:
             self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
@@ -271,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": f"chatcmpl-{owner.calls}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": request.get("model", owner.model),
+            "model": request.get("model", owner.model or "test-model"),
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                          "message": {"role": "assistant", "content": content, "refusal": refusal}}],
             "usage": {"prompt_tokens": 1, "completion_tokens": completion_tokens,
