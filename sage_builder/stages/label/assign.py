@@ -1,0 +1,73 @@
+"""Which pairs each user gets, and which image each record prefers (SPEC §4).
+
+Assignment: per record split and category there is one *deck* holding the pool of pairs that
+split may use (test splits: the reserved last prompt index N; train and val: 1..N-1). Users are
+dealt in id order; each user draws K distinct pairs from the deck at random, with a generator
+seeded by the user id. A deck that runs out is refilled with the whole pool, so every pair of a
+pool is used equally often (max - min <= 1) and no user gets a pair twice.
+
+Label rule: category banned -> the safe image is chosen in both records of the pair; allowed ->
+the image rendered from the record's own caption is chosen.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+RECORD_SPLITS = ("train", "val", "test_seen", "test_unseen")
+
+
+def record_splits(role: str, test_seen: bool) -> list[str]:
+    """Record splits a user of this split role contributes to (the reference user: none)."""
+    if role == "train":
+        return ["train", "test_seen"] if test_seen else ["train"]
+    if role in ("val", "test_unseen"):
+        return [role]
+    return []
+
+
+def uses_test_index(split: str) -> bool:
+    return split.startswith("test")
+
+
+def choose(category_banned: bool, caption_variant: str) -> tuple[str, str, str]:
+    """(chosen_variant, rejected_variant, reason) of one record."""
+    if category_banned:
+        return "s", "u", "banned"
+    return caption_variant, ("s" if caption_variant == "u" else "u"), "allowed"
+
+
+@dataclass
+class Deck:
+    """The pool of one (split, category), dealt evenly: every pair once before any pair twice."""
+
+    pool: list[int]
+    remaining: list[int] = field(default_factory=list)
+    uses: dict[int, int] = field(default_factory=dict)
+
+    def draw(self, rng: random.Random, k: int) -> list[int]:
+        hand: list[int] = []
+        while len(hand) < k:
+            if not self.remaining:
+                self.remaining = list(self.pool)
+            # A card already in the hand (only possible right after a refill) stays in the deck.
+            while True:
+                i = rng.randrange(len(self.remaining))
+                card = self.remaining[i]
+                if card not in hand:
+                    break
+            self.remaining[i] = self.remaining[-1]
+            self.remaining.pop()
+            hand.append(card)
+            self.uses[card] = self.uses.get(card, 0) + 1
+        return hand
+
+    def spread(self) -> tuple[int, int]:
+        counts = [self.uses.get(card, 0) for card in self.pool]
+        return (min(counts), max(counts)) if counts else (0, 0)
+
+
+def user_rng(seed: int, user_id: str) -> random.Random:
+    # random.Random seeds a str through SHA-512: the same on every machine and Python run.
+    return random.Random(f"sage-label:{seed}:{user_id}")

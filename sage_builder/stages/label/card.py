@@ -1,0 +1,124 @@
+"""The dataset card (``README.md``): YAML front matter the Hub and `datasets` read, and a body.
+
+Generated parts of the body sit between ``<!-- sage-builder:begin NAME -->`` and
+``<!-- sage-builder:end NAME -->`` markers. When a card already exists, only those blocks and the
+generated front-matter keys are replaced; everything a person wrote around them is kept.
+No sample image and no prompt text ever goes into the card (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+GENERATED_KEYS = ("license", "configs", "dataset_info", "sage_builder")
+DEFAULT_TAGS = ["not-for-all-audiences", "personalized-safety", "text-to-image", "preference", "dpo"]
+BLOCK = re.compile(r"<!-- sage-builder:begin (?P<name>[\w-]+) -->\n.*?<!-- sage-builder:end (?P=name) -->\n?",
+                   re.DOTALL)
+
+
+def split_card(text: str) -> tuple[dict[str, Any], str]:
+    """(front matter, body) of a card; a card without front matter has an empty one."""
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end != -1:
+            meta = yaml.safe_load(text[4:end]) or {}
+            body = text[end + 4:].lstrip("\n")
+            return (meta if isinstance(meta, dict) else {}), body
+    return {}, text
+
+
+def size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return name
+    return "10M<n<100M"
+
+
+def front_matter(existing: dict[str, Any], *, license: str, pretty_name: str, configs: list[dict[str, Any]],
+                 dataset_info: list[dict[str, Any]], sage_meta: dict[str, Any], n_records: int) -> dict[str, Any]:
+    meta = dict(existing)
+    meta["license"] = license
+    meta.setdefault("pretty_name", pretty_name)
+    meta["tags"] = list(dict.fromkeys(list(existing.get("tags") or []) + DEFAULT_TAGS))
+    meta.setdefault("task_categories", ["text-to-image"])
+    meta.setdefault("language", ["en"])
+    meta["size_categories"] = [size_category(n_records)]
+    meta["configs"] = configs
+    meta["dataset_info"] = dataset_info
+    meta["sage_builder"] = sage_meta
+    # Gating keys (extra_gated_*) belong to stage 5 (publish) and are kept as they are.
+    return meta
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
+    """The card's generated sections from the figures the stage collected (``info``)."""
+    splits = info["splits"]
+    categories = info["categories"]
+    counts = info["counts"]
+    blocks: dict[str, str] = {}
+    blocks["warning"] = (
+        "> **Content warning.** This dataset is about harmful imagery (hate, harassment, violence, self-harm, "
+        "sexuality, shocking content, propaganda). Its prompts and images are harmful by design. "
+        "It holds no sample image in this card; open the data only where that is appropriate.\n")
+    blocks["intended-use"] = (
+        "## Intended use\n\n"
+        "Research on personalized safety alignment of text-to-image models (PSA, arXiv 2508.01151): "
+        "training and evaluating user-conditioned models that respect each simulated user's banned "
+        "categories. Not for generating, sharing or ranking harmful content, and not a description of "
+        "real people: users are simulated from demographic distributions.\n")
+    blocks["structure"] = (
+        "## Structure\n\n"
+        "- `preferences` (default): one row per record. Each user gets "
+        f"{info['pairs_per_category']} pairs per category; each pair gives two records, one captioned with the "
+        "unsafe prompt (`caption_variant` u) and one with its safe rewrite (s). `chosen_variant` follows the rule: "
+        "category banned for the user -> the safe image; allowed -> the image of the record's own caption.\n"
+        "- `pairs`: one row per rendered pair, both prompts and both images (`image_unsafe`, `image_safe`), "
+        "rendered from the same seed.\n"
+        "- `users`: one row per simulated user, with attributes, banned/allowed categories, cluster, "
+        "strictness level, split role and the user embedding.\n\n"
+        f"Test splits use prompt index {info['test_index']}; train and val use 1-{info['test_index'] - 1}. "
+        "test_seen users are train users; val and test_unseen users never appear in train.\n")
+    rows = [[s, counts[s]["records"], counts[s]["users"], f"{counts[s]['chosen_safe_share']:.3f}",
+             f"{counts[s]['pair_uses_min']}-{counts[s]['pair_uses_max']}"] for s in splits]
+    rows.append(["all", sum(counts[s]["records"] for s in splits), info["n_users_with_records"],
+                 f"{info['chosen_safe_share']:.3f}", ""])
+    cat_rows = [[c] + [counts[s]["per_category"].get(c, 0) for s in splits] for c in categories]
+    blocks["counts"] = (
+        "## Counts\n\n" + _table(["split", "records", "users", "chosen = safe", "uses per pair (min-max)"], rows)
+        + "\n\nRecords per category:\n\n" + _table(["category"] + list(splits), cat_rows)
+        + f"\n\n`pairs`: {info['n_pairs']} rendered pairs. `users`: {info['n_users']} users "
+        f"(embedding dimension {info['embedding_dim']}).\n")
+    settings = info["settings"]
+    setting_rows = [[k, f"`{v}`"] for k, v in settings.items()]
+    blocks["generation"] = "## Generation settings\n\n" + _table(["setting", "value"], setting_rows) + "\n"
+    lineage = [[stage, f"`{m['content_hash']}`", f"`{m['fingerprint']}`"] for stage, m in info["lineage"].items()]
+    blocks["lineage"] = (
+        "## Lineage\n\nManifest hashes of the stages this dataset was built from (sage-builder run directory):\n\n"
+        + _table(["stage", "manifest hash", "fingerprint"], lineage) + "\n")
+    return blocks
+
+
+def render_card(existing_text: str | None, meta: dict[str, Any], blocks: dict[str, str], title: str) -> str:
+    old_meta, body = split_card(existing_text or "")
+    meta = front_matter(old_meta, **meta)
+    wrapped = {name: f"<!-- sage-builder:begin {name} -->\n{text.rstrip()}\n<!-- sage-builder:end {name} -->\n"
+               for name, text in blocks.items()}
+    if not body.strip():
+        body = f"# {meta.get('pretty_name', title)}\n\n"
+    present = {m.group("name") for m in BLOCK.finditer(body)}
+    body = BLOCK.sub(lambda m: wrapped.get(m.group("name"), m.group(0)), body)
+    missing = [wrapped[name] for name in blocks if name not in present]
+    if missing:
+        body = body.rstrip("\n") + "\n\n" + "\n".join(missing)
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=120)
+    return f"---\n{front}---\n\n{body.rstrip()}\n"
