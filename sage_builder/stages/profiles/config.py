@@ -20,11 +20,17 @@ class SplitSizes(StrictModel):
 
 class ProfilesConfig(StrictModel):
     n_users: int = Field(1000, gt=0)
-    sampler: Literal["psalign", "config"] = "psalign"
+    sampler: Literal["psalign", "config"] = Field(
+        "psalign", description="psalign: the authors' procedure and NumPy legacy stream (bit-exact with the "
+                               "published users at seed 2025); config: the same YAML with np.random.default_rng")
     demographics: ConfigPath = execution(project_file("profiles", "demographics.yaml"),
                                          description="distributions and realism rules (content is hashed)")
-    add_permissive_user: bool = True
-    labeller: Literal["llm", "rules"] = "llm"
+    add_permissive_user: bool = Field(True, description="add the fully permissive reference user as user n+1")
+    labeller: Literal["llm", "rules"] = Field(
+        "llm", description="llm: ask `llm` (the authors' method); rules: apply the four rules deterministically")
+    on_rejected: Literal["fail", "exclude"] = Field(
+        "fail", description="a user whose LLM labelling was rejected after llm.max_attempts: fail the stage "
+                            "(listing them; rejects.parquet says why) or exclude the user (counted in the report)")
     ban_template: ConfigPath = execution(project_file("prompts", "ban_categories.txt"))
     statement_template: ConfigPath = execution(project_file("prompts", "user_statement.txt"))
     embedding_model: OptionalModelRef = Field(None, description="default: llm.model")
