@@ -1,0 +1,93 @@
+"""Exports: the PSA authors' layout (exact names and keys) and Pick-a-Pic columns for Diffusion-DPO."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sage_builder.cli import app
+from sage_builder.stages import get_stage
+from sage_builder.stages.base import run_stage
+from sage_builder.testing.fake_run import make_fake_run
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    run, config = make_fake_run(tmp_path_factory.mktemp("export") / "run", n_users=10, pairs_per_category=1)
+    run_stage(get_stage("label"), config, run)
+    return run.stage("label").file("dataset")
+
+
+def rows(root: Path, config: str, split: str) -> list[dict]:
+    return [r for f in sorted((root / "data" / config).glob(f"{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_psalign_layout(dataset, tmp_path):
+    out = tmp_path / "psalign"
+    result = CliRunner().invoke(app, ["export", str(dataset), "--format", "psalign", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings", "test_seen", "test_unseen", "train", "val"]
+    pairs = {p["pair_id"]: p for p in rows(dataset, "pairs", "train")}
+    for split in ("train", "val", "test_seen", "test_unseen"):
+        records = rows(dataset, "preferences", split)
+        lines = [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+        assert len(lines) == len(records)
+        for rec, meta in zip(records, lines):
+            assert list(meta) == ["file_name", "chosen", "rejected", "caption", "user_data"]
+            assert list(meta["user_data"]) == ["User_ID", "Cluster_ID", "Age", "Age_Group", "Gender", "Religion",
+                                               "Physical_Condition", "Mental_Condition"]
+            assert meta["user_data"]["User_ID"] == rec["user_id"] and re.fullmatch(r"\d{7}", rec["user_id"])
+            assert meta["user_data"]["Cluster_ID"] == str(rec["cluster_id"])
+            assert isinstance(meta["user_data"]["Age"], int)
+            stem = (f"user_{rec['user_id']}_{rec['category'].lower()}_{rec['concept'].replace(' ', '_')}"
+                    f"_{rec['idx']:05d}")
+            assert meta["file_name"] == f"{stem}.jpg_{rec['caption_variant']}.jpg"
+            assert meta["chosen"] == f"{stem}_{rec['chosen_variant']}.jpg"
+            assert meta["rejected"] == f"{stem}_{rec['rejected_variant']}.jpg"
+            assert meta["caption"] == rec["caption"]
+            for name, variant in ((meta["chosen"], rec["chosen_variant"]), (meta["rejected"], rec["rejected_variant"])):
+                data = (out / split / name).read_bytes()
+                image_column = "image_unsafe" if variant == "u" else "image_safe"
+                assert data == pairs[rec["pair_id"]][image_column]["bytes"]
+                assert Image.open(io.BytesIO(data)).format == "JPEG"
+    example = next((out / "train").glob("user_*_hate_hate_concept_*_s.jpg"))
+    assert re.fullmatch(r"user_\d{7}_hate_hate_concept_\d_0000[1-3]_s\.jpg", example.name)
+    users = rows(dataset, "users", "train")
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == sorted(f"{u['user_id']}.npy" for u in users)
+    emb = np.load(out / "embeddings" / f"{users[0]['user_id']}.npy")
+    assert emb.dtype == np.float32 and emb.shape == (8,)
+    np.testing.assert_array_equal(emb, np.asarray(users[0]["embedding"], dtype=np.float32))
+
+
+def test_pickapic_columns(dataset, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "pickapic"
+    result = CliRunner().invoke(app, ["export", str(dataset), "-f", "pickapic", "--out", str(out),
+                                      "--split", "train", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
+    assert set(loaded) == {"train", "val"}
+    pairs = {p["pair_id"]: p for p in rows(dataset, "pairs", "train")}
+    records = rows(dataset, "preferences", "train")
+    train = loaded["train"]
+    assert {"jpg_0", "jpg_1", "label_0", "caption", "user_id"} <= set(train.column_names)
+    for rec, row in zip(records, train):
+        assert row["jpg_0"] == pairs[rec["pair_id"]]["image_unsafe"]["bytes"]
+        assert row["jpg_1"] == pairs[rec["pair_id"]]["image_safe"]["bytes"]
+        # diffusers' example keeps (jpg_0, jpg_1) when label_0 == 1, so jpg_0 must then be the chosen one.
+        assert row["label_0"] == (1.0 if rec["chosen_variant"] == "u" else 0.0)
+        assert row["caption"] == rec["caption"] and row["user_id"] == rec["user_id"]
+        Image.open(io.BytesIO(row["jpg_0"])).convert("RGB")
+
+
+def test_export_rejects_unknown_format(dataset, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(dataset), "-f", "webdataset", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "choose one of psalign, pickapic" in result.output
