@@ -2,14 +2,54 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
 
-from sage_builder.config import ConfigPath, StrictModel, execution, project_file
+from pydantic import Field, model_validator
+
+from sage_builder.config import ConfigPath, OptionalModelRef, StrictModel, execution, project_file
+
+
+class PromptTemplates(StrictModel):
+    """The LLM instructions of this stage; their content (not their path) is hashed."""
+
+    concept_describe: ConfigPath = execution(project_file("prompts", "concept_describe.txt"))
+    concept_expand: ConfigPath = execution(project_file("prompts", "concept_expand.txt"))
+    pair_unsafe: ConfigPath = execution(project_file("prompts", "pair_unsafe.txt"))
+    pair_safe: ConfigPath = execution(project_file("prompts", "pair_safe.txt"))
+
+    def as_dict(self) -> dict[str, Path]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
 
 class PromptsConfig(StrictModel):
     seed_concepts: ConfigPath = execution(project_file("prompts", "seed_concepts.csv"),
                                           description="seed concepts per category (content is hashed)")
-    concepts_per_category: int = Field(120, ge=1, description="target pool size per category")
+    synonyms: ConfigPath = execution(project_file("prompts", "concept_synonyms.txt"),
+                                     description="near-synonym groups for concept dedupe, one '|'-separated group "
+                                                 "a line (content is hashed)")
+    seeds_per_category: int | None = Field(None, ge=1, description="use only the first K seeds of each category "
+                                                                   "(most frequent in the published data first)")
+    concepts_per_category: int = Field(120, ge=1, description="target pool size per category; the LLM expands "
+                                                              "the seeds up to it")
+    expand_batch: int = Field(20, ge=1, le=100, description="new concepts asked for per expansion request")
+    expand_max_rounds: int = Field(8, ge=1, description="expansion requests per category before giving up short")
     pairs_per_concept: int = Field(10, ge=2, description="N; index N is reserved for the test splits")
-    max_clip_tokens: int = Field(77, ge=8, le=77)
+    max_pair_attempts: int = Field(3, ge=1, le=20, description="new p_h/p_s requests for a rejected pair before "
+                                                               "it stays in the rejects table")
+    max_clip_tokens: int = Field(77, ge=8, le=77, description="CLIP text encoder limit, BOS/EOS included")
+    edit_similarity_min: float = Field(0.1, ge=0.0, le=1.0, description="word-level similarity p_h vs p_s: lower "
+                                                                        "bound (p_s must stay a rewrite of p_h)")
+    edit_similarity_max: float = Field(0.9, ge=0.0, le=1.0, description="upper bound (p_s must really change p_h)")
+    near_duplicate_ngram: int = Field(3, ge=1, le=8, description="word n-grams compared between pairs of a concept")
+    near_duplicate_jaccard: float = Field(0.5, gt=0.0, le=1.0, description="n-gram Jaccard at or above which a "
+                                                                           "pair duplicates an earlier one")
+    clip_tokenizer: OptionalModelRef = Field(None, description="model folder or hub id whose tokenizer/ (and "
+                                                         "tokenizer_2/) count CLIP tokens; default render.model")
+    templates: PromptTemplates = Field(default_factory=PromptTemplates)
+
+    @model_validator(mode="after")
+    def _band(self) -> PromptsConfig:
+        if self.edit_similarity_min >= self.edit_similarity_max:
+            raise ValueError(f"prompts.edit_similarity_min ({self.edit_similarity_min}) must be below "
+                             f"prompts.edit_similarity_max ({self.edit_similarity_max})")
+        return self

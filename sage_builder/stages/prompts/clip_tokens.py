@@ -1,0 +1,49 @@
+"""Count prompt tokens with the real CLIP tokenizer(s) of the configured image model.
+
+SDXL has two text encoders with their own tokenizers (``tokenizer/`` and ``tokenizer_2/``); a
+prompt fits when it fits both. Counts include the BOS and EOS tokens, as the 77 positions do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sage_builder.errors import StageInputError
+
+
+class ClipTokenCounter:
+    def __init__(self, model: str, revision: str | None = None, key: str = "render.model"):
+        self.model = model
+        self.revision = revision
+        self.key = key
+        self._tokenizers: list[Any] | None = None
+
+    def load(self) -> ClipTokenCounter:
+        if self._tokenizers is not None:
+            return self
+        from transformers import CLIPTokenizer
+
+        local_only = Path(self.model).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        tokenizers = []
+        for subfolder in ("tokenizer", "tokenizer_2"):
+            try:
+                tokenizers.append(CLIPTokenizer.from_pretrained(self.model, subfolder=subfolder,
+                                                                revision=self.revision,
+                                                                local_files_only=local_only))
+            except (OSError, ValueError) as exc:
+                if subfolder == "tokenizer":
+                    raise StageInputError(
+                        f"{self.key}: no CLIP tokenizer in '{self.model}/tokenizer' to count prompt tokens "
+                        f"({str(exc).splitlines()[0][:120]}); point {self.key} at a local diffusers model "
+                        f"folder or download the model first") from None
+        for tok in tokenizers:
+            tok.model_max_length = 10**6  # we count past 77 on purpose; no truncation warning per prompt
+        self._tokenizers = tokenizers
+        return self
+
+    def count(self, text: str) -> int:
+        self.load()
+        assert self._tokenizers is not None
+        return max(len(tok(text, truncation=False)["input_ids"]) for tok in self._tokenizers)

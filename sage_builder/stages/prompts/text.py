@@ -1,0 +1,81 @@
+"""Word-level text measures of prompts and concepts: normal forms, edit similarity, n-gram overlap.
+
+Plain standard-library code (``re``, ``difflib``): the measures are simple on purpose, so that a
+reject reason can be checked by hand from the two prompts it names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+_WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or as is are be into onto over under its their his her "
+    "this that these those it".split())
+
+
+def singular(word: str) -> str:
+    """A crude English singular, enough to count 'zombies' and 'zombie' as one concept."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("sses", "ches", "shes", "xes", "zes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def words(text: str) -> list[str]:
+    """Lower-case alphanumeric words (hyphens and punctuation split words)."""
+    return _WORD.findall(text.lower())
+
+
+def normal_words(text: str) -> list[str]:
+    return [singular(w) for w in words(text)]
+
+
+def normal_form(text: str) -> str:
+    """Case, whitespace, punctuation and plural forms folded: 'Troll-Farms ' -> 'troll farm'."""
+    return " ".join(normal_words(text))
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole words, ignoring case and plurals."""
+    needle = normal_form(phrase)
+    return bool(needle) and f" {needle} " in f" {normal_form(text)} "
+
+
+def content_words(text: str, min_len: int = 4) -> list[str]:
+    return [w for w in normal_words(text) if w not in STOPWORDS and len(w) >= min_len]
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """Word-level similarity of two prompts, 0 (nothing shared) .. 1 (same words in the same order)."""
+    return difflib.SequenceMatcher(None, words(a), words(b), autojunk=False).ratio()
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    tokens = normal_words(text)
+    if len(tokens) < n:
+        return {tuple(tokens)} if tokens else set()
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def jaccard(a: set, b: set) -> float:
+    if not a or not b:
+        return 0.0
+    return len(a & b) / len(a | b)
+
+
+def distinct_n(texts: Iterable[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams of ``texts`` (the usual distinct-n diversity measure)."""
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for text in texts:
+        tokens = words(text)
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
