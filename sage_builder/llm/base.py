@@ -43,7 +43,8 @@ class LLMRequest:
     max_new_tokens: int | None = None
 
     def json_schema(self) -> dict[str, Any]:
-        return self.schema.model_json_schema()
+        """The reply schema sent to constrained decoders: objects take no keys beyond their properties."""
+        return closed_objects(self.schema.model_json_schema())
 
 
 @dataclass
@@ -67,6 +68,22 @@ class TransportFailure:
 
     reason: str
     detail: str = ""
+
+
+def closed_objects(schema: Any) -> Any:
+    """Add ``additionalProperties: false`` to every object schema that does not say otherwise.
+
+    pydantic leaves it out, and a constrained decoder then lets a small model invent key after key
+    until it runs out of tokens; OpenAI's strict json_schema mode requires it too.
+    """
+    if isinstance(schema, dict):
+        out = {key: closed_objects(value) for key, value in schema.items()}
+        if out.get("type") == "object" and "properties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [closed_objects(value) for value in schema]
+    return schema
 
 
 def derive_seed(base: int, key: str, attempt: int) -> int:

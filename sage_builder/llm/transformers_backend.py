@@ -1,0 +1,232 @@
+"""In-process generation with transformers, constrained to the reply's JSON schema by llguidance.
+
+Requests are batched (``llm.batch_size`` prompts per ``generate`` call, left-padded, sorted by
+length to waste little padding) after the model's chat template is applied. A logits processor
+does two things per row and step: it masks every token that the row's llguidance matcher
+(compiled from the request's JSON schema, no free whitespace) would reject, then picks the next
+token itself, greedily when ``llm.temperature`` is 0, else by temperature/top-p sampling from
+the row's own ``torch.Generator`` seeded with the request's seed. ``generate`` then runs greedy
+over the single surviving token.
+
+Seeds: a row's random draws depend only on its seed, never on the other rows. The logits
+themselves can still differ in the last bits between batch compositions (padding changes the
+matrix shapes), so identical output is guaranteed for the same seed *and* the same batch
+composition; across compositions it is identical up to such float ties.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sage_builder.errors import SageError
+from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+
+log = logging.getLogger("sage.llm.transformers")
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class TransformersBackend(LLMBackend):
+    name = "transformers"
+
+    def __init__(self, config):  # type: ignore[no-untyped-def]
+        super().__init__(config)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._ll_tokenizer: Any = None
+        self._grammars: dict[str, str] = {}
+
+    def check_ready(self) -> None:
+        self._load()
+
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        c = self.config
+        if _looks_local(c.model) and not Path(c.model).exists():
+            raise SageError(f"llm.model: the model folder {c.model} does not exist (run `make models` to prepare "
+                            "the small local models, or name a hub id)")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        kwargs: dict[str, Any] = {"revision": c.revision, "local_files_only": offline}
+        if c.gguf_file:
+            kwargs["gguf_file"] = c.gguf_file
+        device = resolve_device(c.device)
+        if c.dtype == "auto":
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, _DTYPES[c.dtype])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(c.model, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(c.model, dtype=dtype, **kwargs)
+        except (OSError, ValueError) as exc:
+            hint = " (offline: run `make models`, or unset HF_HUB_OFFLINE to download)" if offline else ""
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SageError(f"llm.model: cannot load '{c.model}'{hint}: {first[:200]}") from None
+        if not getattr(tokenizer, "chat_template", None):
+            raise SageError(f"llm.model: '{c.model}' has no chat template; use an instruct/chat model")
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "constrained_decoding": "llguidance"}
+
+    def _matcher(self, request: LLMRequest) -> Any:
+        import llguidance
+        import llguidance.hf
+
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self._vocab_size())
+        name = request.schema.__qualname__
+        if name not in self._grammars:
+            self._grammars[name] = llguidance.LLMatcher.grammar_from_json_schema(
+                request.json_schema(), defaults={"whitespace_flexible": False})
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, self._grammars[name], log_level=0)
+        if matcher.is_error():
+            raise SageError(f"reply schema {name}: llguidance cannot compile it ({matcher.get_error()})")
+        return matcher
+
+    def _vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def _complete(self, batch: Sequence[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:
+        self._load()
+        prompts = [(request, seed, self.tokenizer.apply_chat_template(
+            request.messages, add_generation_prompt=True, tokenize=False)) for request, seed in batch]
+        # Similar lengths together: less padding; results do not depend on the order (see module doc).
+        prompts.sort(key=lambda p: len(p[2]))
+        size = self.config.batch_size
+        for start in range(0, len(prompts), size):
+            yield from self._generate(prompts[start:start + size])
+
+    def _generate(self, rows: list[tuple[LLMRequest, int, str]]) -> Iterator[tuple[str, str | TransportFailure]]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        tok = self.tokenizer
+        encoded = tok([text for _, _, text in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        max_new = max(request.max_new_tokens or self.config.max_new_tokens for request, _, _ in rows)
+        processor = ConstrainedSampler(
+            matchers=[self._matcher(request) for request, _, _ in rows],
+            seeds=[seed for _, seed, _ in rows],
+            limits=[request.max_new_tokens or self.config.max_new_tokens for request, _, _ in rows],
+            temperature=self.config.temperature, top_p=self.config.top_p,
+            eos_token_id=tok.eos_token_id, prompt_length=encoded["input_ids"].shape[1])
+        generation = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+        with torch.inference_mode():
+            output = self.model.generate(**encoded, generation_config=generation,
+                                         logits_processor=LogitsProcessorList([processor]))
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        for row, (request, _, _) in enumerate(rows):
+            text = tok.decode(new_tokens[row], skip_special_tokens=True)
+            if processor.matchers[row].is_error():
+                yield request.key, TransportFailure("constraint_error", processor.matchers[row].get_error()[:200])
+            elif not processor.finished(row):
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError:
+                    limit = processor.limits[row]
+                    yield request.key, TransportFailure("truncated", f"max_new_tokens={limit} reached")
+                    continue
+                yield request.key, text
+            else:
+                yield request.key, text
+
+    def close(self) -> None:
+        self.model = self.tokenizer = self._ll_tokenizer = None
+
+
+class ConstrainedSampler:
+    """A transformers logits processor: schema mask, then a per-row seeded choice of the next token."""
+
+    def __init__(self, matchers: list[Any], seeds: list[int], limits: list[int], temperature: float,
+                 top_p: float, eos_token_id: int, prompt_length: int):
+        self.matchers = matchers
+        self.seeds = seeds
+        self.limits = limits
+        self.temperature = temperature
+        self.top_p = top_p
+        self.eos_token_id = eos_token_id
+        self.prompt_length = prompt_length
+        self._generators: list[Any] = []
+        self._done = [False] * len(matchers)
+
+    def finished(self, row: int) -> bool:
+        return self._done[row]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import llguidance.torch as lltorch
+        import torch
+
+        batch, vocab = scores.shape
+        step = input_ids.shape[1] - self.prompt_length
+        if not self._generators:
+            self._generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        bitmask = lltorch.allocate_token_bitmask(batch, vocab)
+        for row, matcher in enumerate(self.matchers):
+            if step > 0 and not self._done[row]:
+                last = int(input_ids[row, -1])
+                if last == self.eos_token_id or matcher.is_stopped():
+                    self._done[row] = True
+                else:
+                    matcher.consume_token(last)
+            if not self._done[row] and step >= self.limits[row]:
+                self._done[row] = matcher.is_accepting()
+            if not self._done[row] and not matcher.is_error():
+                lltorch.fill_next_token_bitmask(matcher, bitmask, row)
+        allowed = _unpack_bitmask(bitmask, vocab).to(scores.device)
+        chosen = torch.empty(batch, dtype=torch.long, device=scores.device)
+        for row in range(batch):
+            if self._done[row] or self.matchers[row].is_error() or step >= self.limits[row]:
+                chosen[row] = self.eos_token_id
+                continue
+            logits = scores[row].float().masked_fill(~allowed[row], float("-inf"))
+            chosen[row] = self._pick(logits, self._generators[row])
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return out
+
+    def _pick(self, logits: Any, generator: Any) -> int:
+        import torch
+
+        if self.temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.top_p  # the top token always stays
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _unpack_bitmask(bitmask: Any, vocab: int) -> Any:
+    """llguidance's int32 bitmask (bit i of word w = token 32*w+i) as a bool tensor [batch, vocab]."""
+    import torch
+
+    bits = torch.arange(32, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
