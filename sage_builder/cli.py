@@ -34,9 +34,12 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a c
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
-def _prepare_run(config_path: Path, run_dir: Path, overrides: list[str] | None) -> tuple[PipelineConfig, RunDir]:
+def _prepare_run(config_path: Path, run_dir: Path, overrides: list[str] | None,
+                 check: Any = None) -> tuple[PipelineConfig, RunDir]:
     config = load_config(config_path, overrides)
     run = RunDir(run_dir)
+    if check is not None:
+        check.check(config, run)  # bad input fails before the run directory is touched
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.root / "config.yaml", dump_config(config))
     return config, run
@@ -84,8 +87,9 @@ def run_one(
     from sage_builder.stages.base import run_stage
 
     setup_logging(verbose)
-    config, run = _prepare_run(config_path, run_dir, overrides)
-    run_stage(get_stage(name), config, run, force=force, options={"contact_sheet": contact_sheet})
+    stage = get_stage(name)
+    config, run = _prepare_run(config_path, run_dir, overrides, check=stage)
+    run_stage(stage, config, run, force=force, options={"contact_sheet": contact_sheet})
 
 
 def _status_rows(run: RunDir, config: PipelineConfig | None) -> list[dict[str, Any]]:
