@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+from typing import Literal
 
-from sage_builder.config import StrictModel
+from pydantic import Field, field_validator
+
+from sage_builder.config import StrictModel, execution
+
+# The Hub's rule for a repo name (huggingface_hub.utils.validate_repo_id), with the namespace required.
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID_RE = re.compile(rf"{_PART}/{_PART}")
+
+
+def repo_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable ``ORG/NAME`` dataset repo id (None if it is)."""
+    if not REPO_ID_RE.fullmatch(value):
+        return "expected ORG/NAME (letters, digits, '-', '_', '.'; e.g. my-org/sage)"
+    if "--" in value or ".." in value:
+        return "'--' and '..' are not allowed in a repo id"
+    if value.split("/")[1].endswith(".git"):
+        return "the name must not end in .git"
+    return None
 
 
 class PublishConfig(StrictModel):
-    repo_id: str | None = Field(None, description="ORG/NAME of the dataset repo on the Hub")
-    private: bool = True
-    gated: bool = False
+    repo_id: str | None = Field(None, description="ORG/NAME of the dataset repo on the Hub; "
+                                "unset: the stage only writes a dry-run plan (no network)")
+    private: bool = Field(True, description="create the repo private (the default; --public overrides)")
+    gated: Literal[False, "auto", "manual"] = Field(
+        False, description="gate access requests on the repo: auto (approved automatically) or manual")
+    revision: str = Field("main", description="branch to commit to (created from main if missing)")
     license: str = "cc-by-nc-4.0"
+    include_manifests: bool = Field(True, description="also push the stage manifests (lineage) as manifests/*.json")
+    commit_message: str = Field("Publish Sage dataset with sage-builder", description="summary of the commit")
+    num_threads: int = execution(5, ge=1, le=64, description="parallel LFS uploads")
+    max_rate_limit_wait_s: float = execution(
+        60.0, ge=0.0, description="longest wait honoured from a 429's Retry-After before retrying")
+    rate_limit_retries: int = execution(5, ge=0, le=20, description="retries of a create/commit call after a 429")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and (problem := repo_id_problem(value)) is not None:
+            raise ValueError(f"'{value}': {problem}")
+        return value
