@@ -1,0 +1,57 @@
+"""Stage 5 on the real output of stage 4 (fake stages 1-3 -> label -> publish to a local Hub)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from sage_builder.stages import get_stage
+from sage_builder.stages.base import run_stage
+from sage_builder.testing.fake_run import make_fake_run
+from sage_builder.testing.hub_server import HubServer
+
+TOKEN = "hf_label_dataset_token"
+REPO = "sage-org/sage-from-label"
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with HubServer(token=TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
+
+
+@pytest.mark.slow
+def test_label_dataset_dry_run_then_push_then_rerun_is_a_no_op(hub: HubServer, tmp_path) -> None:
+    run, config = make_fake_run(tmp_path / "run", n_users=12)
+    label = run_stage(get_stage("label"), config, run)
+    dataset_files = {rel.removeprefix("dataset/"): out for rel, out in label.outputs.items()
+                     if rel.startswith("dataset/")}
+    assert "README.md" in dataset_files and any(p.startswith("data/pairs/") for p in dataset_files)
+
+    dry = run_stage(get_stage("publish"), config, run)  # no repo_id: plan only, no network
+    assert dry.stats["dry_run"] is True and dry.stats["add"] >= len(dataset_files)
+    assert hub.requests == []
+
+    config.publish.repo_id = REPO
+    pushed = run_stage(get_stage("publish"), config, run)
+    assert pushed.stats["differences"] == 0 and pushed.stats["private"] is True
+    remote = hub.files(REPO)
+    for path, out in dataset_files.items():
+        data = hub.lfs_objects[remote[path].lfs_sha256] if remote[path].lfs_sha256 else remote[path].content
+        assert hashlib.sha256(data).hexdigest() == out.sha256, path
+    assert {f"manifests/{s}.json" for s in ("profiles", "prompts", "render", "label")} <= set(remote)
+    verification = json.loads((run.root / "publish" / "verification.json").read_text())
+    assert verification["commit"] == hub.repos[REPO].branches["main"]
+
+    commits = len(hub.repos[REPO].commits)
+    again = run_stage(get_stage("publish"), config, run, force=True)
+    assert again.stats["add"] == again.stats["update"] == again.stats["delete"] == 0
+    assert len(hub.repos[REPO].commits) == commits
