@@ -35,5 +35,6 @@ def handle_errors(func: F) -> F:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "openai"):
+    for noisy in ("httpx", "httpx2", "httpcore2", "urllib3", "filelock", "huggingface_hub", "datasets",
+                  "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
