@@ -95,9 +95,10 @@ def expected_files(run: RunDir) -> dict[str, tuple[str, int]]:
     return {rel.removeprefix("dataset/"): (out.sha256, out.bytes) for rel, out in manifest.outputs.items()}
 
 
-def remote_files(server: HubServer) -> dict[str, tuple[str, int]]:
+def remote_files(server: HubServer, revision: str = "main") -> dict[str, tuple[str, int]]:
+    """path -> (sha256, size) of what the server holds, read back from its stored bytes."""
     out = {}
-    for path, remote in server.files(REPO).items():
+    for path, remote in server.files(REPO, revision).items():
         data = server.lfs_objects[remote.lfs_sha256] if remote.lfs_sha256 else remote.content
         out[path] = (hashlib.sha256(data).hexdigest(), remote.size)
     return out
@@ -244,6 +245,15 @@ def test_public_is_explicit_and_loud_and_gating_is_applied(hub: HubServer, tmp_p
     assert "already exists and is PUBLIC" in refused.output
 
 
+def test_revision_branch_is_created_and_main_left_alone(hub: HubServer, tmp_path: Path) -> None:
+    run = make_label_run(tmp_path / "run")
+    result = publish(run, "--revision", "v2-candidate")
+    assert result.exit_code == 0, result.output
+    assert len(hub.matching("POST", r"/branch/v2-candidate$")) == 1
+    assert set(hub.files(REPO, "main")) == {".gitattributes"}
+    assert remote_files(hub, "v2-candidate").items() >= expected_files(run).items()
+
+
 @pytest.mark.parametrize("bad", ["sage", "a/b/c", "-org/name", "org/na me", "org/name.git", "org--x/name", ""])
 def test_bad_repo_id_is_one_line_and_touches_nothing(hub: HubServer, tmp_path: Path, bad: str) -> None:
     run = make_label_run(tmp_path / "run")
@@ -302,11 +312,13 @@ def test_missing_token_is_one_line(hub: HubServer, tmp_path: Path, monkeypatch: 
     assert hub.requests == []
 
 
+@pytest.mark.slow
 def test_token_never_appears_in_output_logs_or_files(hub: HubServer, tmp_path: Path) -> None:
     """A real process with debug logging, a failed push and a successful one: the token is nowhere."""
     run = make_label_run(tmp_path / "run")
     env = {**os.environ, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home")}
+           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_DEBUG": "1"}  # huggingface_hub then logs every request as a curl command
     command = [sys.executable, "-c", "from sage_builder.cli import main; main()", "publish", "--repo-id", REPO,
                "--run-dir", str(run.root), "--verbose"]
     hub.fail("POST", r"/commit/", status=500)
