@@ -22,8 +22,12 @@ _CORPUS = [
 ]
 
 
-def save_tiny_llama(directory: Path | str, vocab_size: int = 512, hidden_size: int = 64, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama with a byte-level BPE tokenizer and a ChatML template to ``directory``."""
+def save_tiny_llama(directory: Path | str, vocab_size: int = 512, hidden_size: int = 64, num_heads: int = 4,
+                    seed: int = 0) -> Path:
+    """Save a random 2-layer Llama with a byte-level BPE tokenizer and a ChatML template to ``directory``.
+
+    vLLM's CPU attention wants a common head size: ``hidden_size=128, num_heads=2`` gives 64.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.trainers import BpeTrainer
@@ -43,7 +47,7 @@ def save_tiny_llama(directory: Path | str, vocab_size: int = 512, hidden_size: i
     tokenizer.save_pretrained(directory)
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, num_attention_heads=num_heads, num_key_value_heads=2,
                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=True)
