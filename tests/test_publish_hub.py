@@ -191,6 +191,19 @@ def test_upload_interrupted_midway_resumes_with_the_missing_files_only(hub: HubS
     assert remote_files(hub).items() >= expected_files(run).items()
 
 
+def test_concurrent_push_is_refused_not_overwritten(hub: HubServer, tmp_path: Path) -> None:
+    run = make_label_run(tmp_path / "run")
+    hub.before_commit.append(lambda repo_id: hub.push_elsewhere(repo_id, "data/other/x.csv", b"a,b\n"))
+    result = publish(run)
+    assert result.exit_code == 2
+    assert "someone pushed to the repo meanwhile" in result.output.strip().splitlines()[-1]
+    assert set(hub.files(REPO)) == {".gitattributes", "data/other/x.csv"}  # their commit stands, ours was refused
+    hub.before_commit.clear()
+    rerun = publish(run)  # planned against the new head: their file is stale under data/ and goes in one commit
+    assert rerun.exit_code == 0, rerun.output
+    assert "data/other/x.csv" not in hub.files(REPO)
+
+
 def test_rate_limited_preupload_is_retried_by_huggingface_hub(hub: HubServer, tmp_path: Path) -> None:
     run = make_label_run(tmp_path / "run")
     hub.fail("POST", r"/preupload/", status=429, headers={"Retry-After": "0"})

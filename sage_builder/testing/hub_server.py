@@ -116,6 +116,7 @@ class HubServer:
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
+        self.before_commit: list[Callable[[str], None]] = []  # called with the repo id before a commit applies
         self.after_commit: list[Callable[[str], None]] = []  # called with the repo id after each commit
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -183,6 +184,14 @@ class HubServer:
                 tree[path] = RemoteFile(size=len(content), lfs_sha256=sha)
 
     # -- state changes (called by the handler under the lock) ----------------------------------
+    def push_elsewhere(self, repo_id: str, path: str, content: bytes, branch: str = "main") -> str:
+        """A commit by someone else (another client) adding one regular file; returns its sha."""
+        with self._lock:
+            repo = self.repos[repo_id]
+            tree = dict(repo.commits[repo.branches[branch]])
+            tree[path] = RemoteFile(len(content), content=content)
+            return self._new_commit(repo, branch, tree)
+
     def _new_commit(self, repo: Repo, branch: str, tree: dict[str, RemoteFile]) -> str:
         sha = hashlib.sha1(uuid.uuid4().bytes).hexdigest()
         repo.commits[sha] = tree
@@ -377,6 +386,9 @@ class _Handler(BaseHTTPRequestHandler):
         head = repo.resolve(revision)
         if head is None or revision not in repo.branches:
             return self._error(404, f"Invalid rev id: {revision}", {"X-Error-Code": "RevisionNotFound"})
+        for hook in hub.before_commit:
+            hook(repo.repo_id)
+        head = repo.resolve(revision)
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = lines[0]
         if header["key"] != "header":
