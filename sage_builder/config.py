@@ -171,7 +171,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     keys = dotted.split(".")
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # an absent section, or one written as a bare `section:` in YAML
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: '{key}' is not a section")
     node[keys[-1]] = value
@@ -188,6 +190,11 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, field in PipelineConfig.model_fields.items():
+        # A section whose keys are all commented out reads as None: it means "the defaults".
+        if key in data and data[key] is None and isinstance(field.annotation, type) \
+                and issubclass(field.annotation, BaseModel):
+            data[key] = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set profiles.n_users=20")

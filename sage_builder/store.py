@@ -37,7 +37,7 @@ def _canonical(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
         from sage_builder.config import hashable_dump
 
-        return hashable_dump(obj)
+        return _canonical(hashable_dump(obj))
     if isinstance(obj, dict):
         return {str(k): _canonical(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -1,0 +1,71 @@
+"""Run store: atomic writes, crash-safe item cache, stable hashes."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sage_builder.config import LLMConfig
+from sage_builder.store import ItemCache, RunDir, atomic_path, atomic_write_text, stable_hash, write_parquet
+
+
+def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
+    target = tmp_path / "out" / "table.parquet"
+    write_parquet(pa.table({"a": [1, 2]}), target)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a parq")
+            raise RuntimeError("killed mid-write")
+    assert pq.read_table(target).column("a").to_pylist() == [1, 2]  # the old file is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.parquet"]  # no temp file left
+
+
+def test_atomic_write_replaces(tmp_path):
+    target = tmp_path / "note.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_item_cache_resume_and_dedupe(tmp_path):
+    cache = RunDir(tmp_path).stage("prompts").items("pairs")
+    assert cache.done_keys() == set() and cache.read() is None
+    with cache.writer(flush_rows=2) as writer:
+        for key in ["a", "b", "c"]:
+            writer.add({"item_key": key, "value": key.upper()})
+        assert len(cache.parts()) == 1  # flushed after two rows; "c" still buffered
+    assert cache.done_keys() == {"a", "b", "c"}  # the exit flushed the rest
+
+    # A crashed loop still keeps what it finished.
+    with pytest.raises(KeyError):
+        with cache.writer(flush_rows=100) as writer:
+            writer.add({"item_key": "d", "value": "D"})
+            raise KeyError("boom")
+    assert "d" in cache.done_keys()
+
+    # The same key written twice (parallel writers): the earlier part wins, no duplicate row.
+    cache.write([{"item_key": "a", "value": "late"}])
+    table = cache.read()
+    assert table.num_rows == 4
+    assert dict(zip(table.column("item_key").to_pylist(), table.column("value").to_pylist()))["a"] == "A"
+    assert cache.read(keys=["b", "d", "zzz"]).column("item_key").to_pylist() == ["b", "d"]
+
+
+def test_item_rows_need_a_key(tmp_path):
+    with pytest.raises(ValueError, match="item_key"):
+        ItemCache(tmp_path).write([{"value": 1}])
+
+
+def test_stable_hash_ignores_dict_order_and_number_spelling():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"steps": 20}) == stable_hash({"steps": 20.0})
+    assert stable_hash({"steps": 20}) != stable_hash({"steps": 21})
+    assert stable_hash([1, 2]) != stable_hash([2, 1])
+    assert len(stable_hash("x", length=16)) == 16
+
+
+def test_stable_hash_of_config_ignores_execution_fields():
+    base = LLMConfig(model="m", temperature=0.5)
+    assert stable_hash(base) == stable_hash(LLMConfig(model="m", temperature=0.5, concurrency=64, batch_size=2))
+    assert stable_hash(base) != stable_hash(LLMConfig(model="m", temperature=0.6))
