@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from sage_builder.config import StrictModel, execution
-
-# The Hub's rule for a repo name (huggingface_hub.utils.validate_repo_id), with the namespace required.
-_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-REPO_ID_RE = re.compile(rf"{_PART}/{_PART}")
-
-
-def repo_id_problem(value: str) -> str | None:
-    """Why ``value`` is not a usable ``ORG/NAME`` dataset repo id (None if it is)."""
-    if not REPO_ID_RE.fullmatch(value):
-        return "expected ORG/NAME (letters, digits, '-', '_', '.'; e.g. my-org/sage)"
-    if "--" in value or ".." in value:
-        return "'--' and '..' are not allowed in a repo id"
-    if value.split("/")[1].endswith(".git"):
-        return "the name must not end in .git"
-    return None
+from sage_builder.stages.publish.hub import repo_id_problem
 
 
 class PublishConfig(StrictModel):

@@ -23,13 +23,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sage_builder.errors import SageError, StageInputError
-from sage_builder.stages.publish.config import repo_id_problem
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -43,6 +43,23 @@ REPO_TYPE = "dataset"
 MANAGED_PREFIXES = ("data/", "manifests/")
 MANAGED_FILES = ("README.md",)
 T = TypeVar("T")
+
+
+# The Hub's rule for a repo name (huggingface_hub.utils.validate_repo_id), with the namespace required.
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID_RE = re.compile(rf"{_PART}/{_PART}")
+
+
+def repo_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable ``ORG/NAME`` dataset repo id (None if it is)."""
+    if not REPO_ID_RE.fullmatch(value):
+        return "expected ORG/NAME (letters, digits, '-', '_', '.'; e.g. my-org/sage)"
+    if "--" in value or ".." in value:
+        return "'--' and '..' are not allowed in a repo id"
+    if value.split("/")[1].endswith(".git"):
+        return "the name must not end in .git"
+    return None
+
 
 
 class PublishError(SageError):
