@@ -347,3 +347,16 @@ def test_token_never_appears_in_output_logs_or_files(hub: HubServer, tmp_path: P
     for path in run.root.rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_offline_mode_is_a_one_line_error_and_keeps_the_last_publish(hub: HubServer, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run = make_label_run(tmp_path / "run")
+    assert publish(run).exit_code == 0
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = publish(run)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: HF_HUB_OFFLINE=1 is set")
+    assert run.stage("publish").read_manifest() is not None

@@ -86,6 +86,7 @@ def publish(
     if section.repo_id is None:
         raise SageError("no repo to publish to: pass --repo-id ORG/NAME (or set publish.repo_id); "
                         "--dry-run shows the plan without one")
+    hub.hub_api(hub.resolve_token())  # fail on a missing token or offline mode before touching RUN/publish
     manifest = run_stage(STAGE, config, run, force=True)
     stats = manifest.stats
     typer.echo(f"published {section.repo_id}@{section.revision} "
