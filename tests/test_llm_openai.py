@@ -50,7 +50,7 @@ def test_exact_request_body(monkeypatch):
         assert result.ok and result.value == Ban(banned=["Hate"], rationale="strict household")
         assert len(server.requests) == 1
         body = server.requests[0]
-    schema = Ban.model_json_schema()
+    schema = {**Ban.model_json_schema(), "additionalProperties": False}  # closed, as strict mode requires
     assert body["model"] == "qwen-7b"
     assert body["messages"] == request().messages
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["max_tokens"] == 64
