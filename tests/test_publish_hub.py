@@ -27,6 +27,9 @@ from sage_builder.stages.publish.stage import STAGE
 from sage_builder.store import Manifest, RunDir
 from sage_builder.testing.hub_server import HubServer
 
+# huggingface_hub's LFS upload passes a file object as `data=`, which httpx2 deprecates; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 TOKEN = "hf_sEcReT_publish_test_token_4242"
 REPO = "sage-org/sage-test"
 CARD = """---

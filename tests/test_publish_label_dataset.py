@@ -12,6 +12,9 @@ from sage_builder.stages.base import run_stage
 from sage_builder.testing.fake_run import make_fake_run
 from sage_builder.testing.hub_server import HubServer
 
+# huggingface_hub's LFS upload passes a file object as `data=`, which httpx2 deprecates; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 TOKEN = "hf_label_dataset_token"
 REPO = "sage-org/sage-from-label"
 
