@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
-        status plan bench bench-render bench-label bench-train bench-llm bench-gpu gpu-wheels clean
+        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-gpu gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
 # pip keeps the local CPU wheel instead of resolving a multi-GB CUDA build.
@@ -63,13 +63,16 @@ status: setup
 plan: setup
 	$(SAGE) plan --config $(PIPELINE)
 
-bench: bench-render bench-label bench-train bench-llm
+bench: bench-render bench-label bench-publish bench-train bench-llm
 
 bench-render: models
 	$(PY) benchmarks/bench_render_cpu.py
 
 bench-label: setup
 	$(PY) benchmarks/bench_label.py
+
+bench-publish: setup
+	$(PY) benchmarks/bench_publish.py
 
 bench-train: models
 	$(PY) benchmarks/bench_train_cpu.py
