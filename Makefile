@@ -80,12 +80,15 @@ bench-train: models
 bench-llm: models
 	$(PY) benchmarks/bench_llm_openai.py
 
-# Pure-Python wheels the GPU machine lacks (it has torch, transformers, accelerate,
-# pyarrow, pandas but no network); see BENCHMARKS.md.
-gpu-wheels:
-	rm -rf gpu_wheels && mkdir -p gpu_wheels
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	  --platform manylinux2014_x86_64 --platform any -d gpu_wheels diffusers
+# Wheels the GPU machine lacks (it has torch, transformers, accelerate, pyarrow, pandas, typer
+# but no network, no diffusers and no pydantic): downloaded here into .whl/, carried along, and
+# installed by benchmarks/gpu/run.sh. Versions follow this venv.
+GPU_WHEELS := diffusers pydantic pydantic_core annotated-types typing-inspection tenacity importlib_metadata typing_extensions
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d .whl $$(for p in $(GPU_WHEELS); do echo "$$p==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$p'))")"; done)
 
 bench-gpu:
 	bash benchmarks/gpu/run.sh
