@@ -174,20 +174,24 @@ class LabelStage(Stage):
         pools = build_pools(pairs, categories, test_index, k, pairs_path)
         decks = {key: Deck(pool) for key, pool in pools.items()}
 
-        profiles = pq.ParquetFile(profiles_path)
+        # Without pre-buffering, pyarrow decodes a row group page by page: stage 1 may write all users
+        # (embeddings included) as one row group, and memory must not grow with it.
+        profiles = pq.ParquetFile(profiles_path, pre_buffer=False, buffer_size=1 << 20)
         missing = [c for c in PROFILE_COLUMNS + ["embedding", "allowed", "level"]
                    if c not in profiles.schema_arrow.names]
         if missing:
             raise StageInputError(f"{profiles_path}: missing column(s) {', '.join(missing)}; rerun stage 1")
-        roles = profiles.read(columns=["user_id", "split", "test_seen"])
+        # First pass: users per record split, so that shard names can say "-of-MMMMM".
         users_per_split: Counter[str] = Counter()
-        for row, (uid, role, seen) in enumerate(zip(*(roles.column(c).to_pylist()
-                                                      for c in ("user_id", "split", "test_seen")))):
-            if role not in ROLES:
-                raise StageInputError(f"{profiles_path} row {row} (user {uid}): split '{role}' is not one of "
-                                      f"{', '.join(sorted(ROLES))}; rerun stage 1")
-            for split in record_splits(role, bool(seen)):
-                users_per_split[split] += 1
+        row = 0
+        for batch in profiles.iter_batches(batch_size=8192, columns=["user_id", "split", "test_seen"]):
+            for uid, role, seen in zip(*(batch.column(c).to_pylist() for c in range(3))):
+                if role not in ROLES:
+                    raise StageInputError(f"{profiles_path} row {row} (user {uid}): split '{role}' is not one of "
+                                          f"{', '.join(sorted(ROLES))}; rerun stage 1")
+                for split in record_splits(role, bool(seen)):
+                    users_per_split[split] += 1
+                row += 1
         per_user = len(categories) * k * 2
         writers = {s: SplitWriter(root, "preferences", s, PREFERENCE_SCHEMA, users_per_split[s] * per_user,
                                   label.shard_rows.preferences) for s in RECORD_SPLITS}
@@ -319,7 +323,7 @@ class LabelStage(Stage):
     def _write_users(root: Path, profiles: pq.ParquetFile, shard_rows: int) -> SplitWriter:
         schema = pa.schema([f.remove_metadata() for f in profiles.schema_arrow])
         writer = SplitWriter(root, "users", SINGLE_SPLIT, schema, profiles.metadata.num_rows, shard_rows)
-        for batch in profiles.iter_batches(batch_size=4096):
+        for batch in profiles.iter_batches(batch_size=1024):
             writer.write(pa.Table.from_batches([batch]))
         return writer
 
