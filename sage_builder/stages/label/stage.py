@@ -123,9 +123,12 @@ class LabelStage(Stage):
                     config.label.pairs_per_category, run.stage("prompts").file("pairs.parquet"))
 
     def plan(self, config: Any) -> StagePlan:
-        n = config.profiles.n_users
         k = config.label.pairs_per_category
-        records = n * len(config.categories) * k * 2 * (1 + 50 / 950)
+        splits = config.profiles.splits
+        # Record-bearing users per 1,000: train + val + test_unseen, plus test_seen counted again.
+        per_thousand = splits.train + splits.val + splits.test_unseen + splits.test_seen
+        users = config.profiles.n_users * per_thousand / max(1, splits.train + splits.val + splits.test_unseen)
+        records = round(users) * len(config.categories) * k * 2
         return StagePlan(items=int(records), unit="records",
                          notes=[f"{k} pairs per category per user, 2 records per pair"])
 
