@@ -1,14 +1,77 @@
-"""Stage 6 (train) configuration."""
+"""Stage 6 (train) configuration: the user adapter, the Diffusion-DPO objective and the optimiser.
+
+The defaults of the full pipeline (``pipelines/sage-sdxl.yaml``) are the published SDXL run
+(SPEC 5): lr 5e-6 constant after 500 warmup steps, 5,000 steps, bf16, Adafactor, per-GPU batch
+2 x 16 accumulation, caption dropout 0.2, beta 5000.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
-from sage_builder.config import StrictModel
+from sage_builder.config import ModelRef, OptionalModelRef, StrictModel, execution
+
+
+class GridConfig(StrictModel):
+    """The levels x prompts PNG rendered with the trained adapter at the end of the stage."""
+
+    enabled: bool = True
+    prompts: list[str] = Field(default_factory=lambda: [
+        "a crowded city street at night", "a portrait of a soldier", "a hospital corridor"])
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(5.0, ge=0.0)
+    scale: float = Field(1.0, description="adapter scale used for the grid")
+    seed: int = 0
 
 
 class TrainConfig(StrictModel):
-    n_user_tokens: int = Field(4, ge=1)
+    backbone: Literal["sdxl", "sd15"] = "sdxl"
+    model: ModelRef = Field("stabilityai/stable-diffusion-xl-base-1.0",
+                            description="base pipeline: hub id or local folder (frozen; the reference model)")
+    revision: str | None = None
+    dataset: OptionalModelRef = Field(None, description="stage-4 dataset: local folder or hub repo id "
+                                      "(default: RUN/label/dataset)")
+    train_split: str = "train"
+    eval_split: str | None = Field("val", description="held-out split for implicit accuracy (null: none)")
+    eval_records: int = Field(256, ge=0, description="held-out records evaluated at the end (0: all)")
+    eval_noise_draws: int = Field(4, ge=1, description="noise/timestep draws averaged per held-out record")
+
+    n_user_tokens: int = Field(4, ge=1, description="user tokens appended after the text tokens (1 = the "
+                               "published adapter: softmax over one key is constant, see SPEC 5)")
+    adapter_scale: float = Field(1.0, description="default per-layer scale of the user branch")
+
+    resolution: int = Field(1024, ge=8, description="training crop size in pixels (multiple of 8)")
+    random_crop: bool = Field(True, description="random crop on the 8-px latent grid (same for both images)")
+    random_flip: bool = Field(True, description="horizontal flip with p=0.5 (same for both images)")
+    caption_dropout: float = Field(0.2, ge=0.0, le=1.0, description="probability a caption becomes \"\"")
+
     beta: float = Field(5000.0, gt=0)
-    max_steps: int = Field(5000, ge=1)
+    max_steps: int = Field(5000, ge=1, description="optimizer steps (after gradient accumulation)")
+    batch_size: int = Field(2, ge=1, description="pairs per GPU per micro-batch")
+    gradient_accumulation: int = Field(16, ge=1)
+    optimizer: Literal["adafactor", "adamw"] = "adafactor"
     learning_rate: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["constant_with_warmup", "constant", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = Field(500, ge=0)
+    max_grad_norm: float | None = Field(1.0, description="clip the adapter's gradient norm (null: no clipping)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "bf16", description="autocast for the frozen model; trainable weights stay float32 (forced to 'no' on CPU)")
+    seed: int = Field(0, description="training RNG seed (noise, timesteps, order, crops, flips, dropout)")
+
+    grid: GridConfig = Field(default_factory=GridConfig)
+
+    checkpoint_every: int = execution(500, ge=1, description="steps between checkpoints in RUN/train/checkpoints")
+    keep_checkpoints: int = execution(2, ge=1)
+    resume: bool = execution(True, description="continue from the latest checkpoint in RUN/train/checkpoints "
+                             "(false: start over and delete them)")
+    stop_at_step: int | None = execution(None, ge=1, description="stop after this step with a checkpoint, "
+                                         "to split a run across jobs (the stage is then not done)")
+    cache_latents: bool = execution(True, description="VAE-encode each distinct image once (false: every step)")
+    cache_text: bool = execution(True, description="encode each distinct caption once (false: every step)")
+    log_every: int = execution(10, ge=1)
+    device: str = execution("auto", description="cpu, cuda or auto (under `accelerate launch`: per process)")
+    embedding_model: OptionalModelRef = execution(
+        None, description="`sage generate --profile`: the stage-1 LLM that embeds a new profile")

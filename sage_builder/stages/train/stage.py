@@ -1,18 +1,136 @@
-"""Stage 6 (train): not built yet."""
+"""Stage 6 (train): the user-conditioned cross-attention adapter, trained with Diffusion-DPO on the
+stage-4 dataset, then the levels x prompts grid rendered with it.
+
+Outputs in ``RUN/train/``: ``adapter/`` (adapter.safetensors + adapter_config.json),
+``metrics.parquet`` (one row per optimizer step of this invocation), ``eval.json`` (implicit
+accuracy on the held-out split), ``grid.png``; working files: ``checkpoints/`` (resume),
+``cache/`` (latents and text embeddings, content-keyed), ``logs/`` (TensorBoard).
+"""
 
 from __future__ import annotations
 
-from sage_builder.errors import SageError
-from sage_builder.stages.base import Stage, StageContext
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sage_builder.errors import ConfigError, SageError, StageInputError
+from sage_builder.stages.base import Stage, StageContext, StagePlan
+from sage_builder.store import RunDir, atomic_write_text, stable_hash
+
+if TYPE_CHECKING:
+    from sage_builder.config import PipelineConfig
+
+log = logging.getLogger("sage.train")
+# Rough H100 bf16 figure for one SDXL DPO micro-batch of 2 pairs at 1024 px (policy + reference);
+# replaced by the measured one once benchmarks/gpu/bench_train_gpu.py has run (see BENCHMARKS.md).
+SDXL_SECONDS_PER_MICRO_BATCH = 1.0
+
+
+def dataset_source(config: PipelineConfig, run: RunDir) -> str:
+    return config.train.dataset or str(run.stage("label").file("dataset"))
 
 
 class TrainStage(Stage):
     name = "train"
     number = 6
     inputs = ("label",)
+    summary = "user adapter trained with Diffusion-DPO; levels x prompts grid"
+
+    def model_ids(self, config: PipelineConfig) -> dict[str, dict[str, Any]]:
+        return {"base": {"id": config.train.model, "revision": config.train.revision,
+                         "backbone": config.train.backbone}}
+
+    def fingerprint_parts(self, config: PipelineConfig) -> dict[str, Any]:
+        return {"dataset": config.train.dataset}
+
+    def check(self, config: PipelineConfig, run: RunDir) -> None:
+        cfg = config.train
+        if cfg.resolution % 8:
+            raise ConfigError(f"train.resolution: {cfg.resolution} is not a multiple of 8")
+        if cfg.model.startswith("/") and not (Path(cfg.model) / "model_index.json").exists():
+            raise StageInputError(f"train.model: {cfg.model} is not a diffusers pipeline folder (no model_index.json); "
+                                  f"run `make models` for the tiny demo models")
+        if cfg.stop_at_step is not None and cfg.stop_at_step > cfg.max_steps:
+            raise ConfigError(f"train.stop_at_step ({cfg.stop_at_step}) is beyond train.max_steps ({cfg.max_steps})")
+
+    def plan(self, config: PipelineConfig) -> StagePlan:
+        cfg = config.train
+        micro = cfg.max_steps * cfg.gradient_accumulation
+        gpu = micro * SDXL_SECONDS_PER_MICRO_BATCH if cfg.backbone == "sdxl" and cfg.resolution >= 512 else None
+        return StagePlan(items=cfg.max_steps, unit="optimizer steps", gpu_seconds=gpu, notes=[
+            f"{micro} micro-batches of {cfg.batch_size} pairs per GPU ({2 * cfg.batch_size * micro} images per GPU), "
+            f"{cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.warmup_steps} warmup), beta {cfg.beta:g}",
+            "GPU-hours assume one GPU; with N GPUs under `accelerate launch` divide by N"])
 
     def run(self, ctx: StageContext) -> None:
-        raise SageError("stage 'train' is not implemented yet")
+        from sage_builder.stages.train.data import load_preference_data
+        from sage_builder.stages.train.generate import render_grid, users_from_dataset
+        from sage_builder.stages.train.trainer import AdapterTrainer, load_base_pipeline
+
+        config, cfg = ctx.config, ctx.config.train
+        source = dataset_source(config, ctx.run)
+        splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_split else [])
+        data = load_preference_data(source, splits)
+        # What a checkpoint must match to be resumed: the train section and the exact input data.
+        fingerprint = stable_hash(cfg, ctx.input("label").content_hash() if not cfg.dataset else cfg.dataset)
+        trainer = AdapterTrainer(cfg, data, ctx.stage_dir.path, fingerprint,
+                                 lambda dtype: load_base_pipeline(cfg.backbone, cfg.model, cfg.revision, dtype),
+                                 cfg.model)
+        try:
+            result = trainer.train(data.splits[cfg.train_split])
+            if not result.finished:
+                raise SageError(f"train: stopped at step {result.step} of {cfg.max_steps} (train.stop_at_step); "
+                                f"run the stage again without it to continue from {trainer.checkpoint_dir}")
+            evaluation: dict[str, Any] = {"records": 0}
+            if cfg.eval_split:
+                held_out = data.splits[cfg.eval_split]
+                evaluation = trainer.evaluate(held_out[: cfg.eval_records] if cfg.eval_records else held_out)
+            if not trainer.accelerator.is_main_process:
+                return
+            trainer.adapter.save(ctx.stage_dir.file("adapter"), steps=result.step, beta=cfg.beta,
+                                 learning_rate=cfg.learning_rate, optimizer=cfg.optimizer, resolution=cfg.resolution,
+                                 dataset_fingerprint=fingerprint)
+            ctx.add_output("adapter/adapter.safetensors")
+            ctx.add_output("adapter/adapter_config.json")
+            if result.metrics:
+                import pyarrow as pa
+
+                ctx.write_table("metrics.parquet", pa.Table.from_pylist(result.metrics))
+            summary = {k: v for k, v in evaluation.items() if k != "z"}
+            atomic_write_text(ctx.stage_dir.file("eval.json"), json.dumps(
+                {"split": cfg.eval_split, **summary, "z": evaluation.get("z", [])}, indent=2))
+            ctx.add_output("eval.json")
+            if cfg.grid.enabled:
+                self._grid(ctx, trainer, data, source, render_grid, users_from_dataset)
+            last = result.metrics[-1] if result.metrics else {}
+            ctx.stats.update({
+                "steps": result.step, "records": len(data.splits[cfg.train_split]),
+                "n_user_tokens": cfg.n_user_tokens, "final_loss": last.get("loss"),
+                "final_train_accuracy": last.get("implicit_accuracy"),
+                f"{cfg.eval_split}_implicit_accuracy": summary.get("implicit_accuracy"),
+                f"{cfg.eval_split}_reward_margin": summary.get("reward_margin"),
+                "cache": result.cache, "seconds": round(result.seconds, 1)})
+        finally:
+            trainer.close()
+
+    def _grid(self, ctx: StageContext, trainer: Any, data: Any, source: str, render_grid: Any,
+              users_from_dataset: Any) -> None:
+        cfg = ctx.config.train
+        levels = sorted(data.levels)
+        if not levels:
+            log.warning("train: no reference users (level 0-5) in %s; grid.png not written", source)
+            return
+        pipeline = trainer.frozen.pipeline
+        pipeline.set_progress_bar_config(disable=True)
+        grid = render_grid(pipeline, trainer.adapter, users_from_dataset(source, levels=levels), cfg.grid.prompts,
+                           cfg.grid.scale, cfg.grid.steps, cfg.grid.guidance, cfg.grid.seed, cfg.resolution)
+        path = ctx.stage_dir.file("grid.png")
+        from sage_builder.store import atomic_path
+
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        ctx.add_output("grid.png")
 
 
 STAGE = TrainStage()

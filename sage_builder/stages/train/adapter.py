@@ -1,0 +1,305 @@
+"""The user adapter (SPEC 5): a projection of the user embedding into tokens, and decoupled
+cross-attention over those tokens in every cross-attention layer of the UNet (IP-Adapter style).
+
+- ``UserProjection``: Linear(embedding dim -> n_tokens x D) then LayerNorm(D), D = the UNet's
+  cross-attention dim.
+- ``UserAttnProcessor``: a diffusers attention processor. The text path is exactly
+  ``AttnProcessor2_0``; the user path attends with the *same* queries over the user tokens through
+  new, zero-initialised key/value projections, and its output times the layer's ``scale`` is added
+  before the output projection. Self-attention layers keep their own processors.
+- The processors are plain objects (not ``nn.Module``) that point at this adapter's weights, so
+  installing them never adds parameters to the UNet's ``state_dict`` and never changes its dtype.
+  ``remove`` puts the original processors back.
+
+How user tokens reach the processors: a ``UserContext`` shared by the adapter's processors.
+``with adapter.conditioned(tokens):`` sets them for the forward passes inside the block,
+``with adapter.disabled():`` makes every processor behave exactly like the base layer (the
+reference model of Diffusion-DPO). Outside both blocks a forward pass is an error, so a missing
+user can never silently become "no user".
+
+Batch rule: the tokens' batch B_u must equal the UNet batch B, or divide it, in which case the
+tokens are tiled. Classifier-free guidance concatenates [unconditional; conditional], so tiling
+gives the unconditional branch the *same* user tokens as the conditional one. That is the
+documented choice: training drops the caption (``caption_dropout``) but never the user, so the
+empty-caption-plus-user input is one the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sage_builder.errors import SageError
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    embedding_dim: int
+    cross_attention_dim: int
+    n_tokens: int = 4
+    scale: float = 1.0
+    layers: list[str] = field(default_factory=list)
+    layer_dims: list[int] = field(default_factory=list)
+    backbone: str = "sdxl"
+    base_model: str | None = None
+    dataset: str | None = None
+    uncond_user_input: str = "same user tokens as the conditional branch"
+    format_version: int = FORMAT_VERSION
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+class UserProjection(nn.Module):
+    def __init__(self, embedding_dim: int, n_tokens: int, dim: int):
+        super().__init__()
+        self.n_tokens = n_tokens
+        self.dim = dim
+        self.linear = nn.Linear(embedding_dim, n_tokens * dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        tokens = self.linear(embedding).reshape(embedding.shape[0], self.n_tokens, self.dim)
+        return self.norm(tokens)
+
+
+class UserBranch(nn.Module):
+    """The new weights of one cross-attention layer: user key and value projections."""
+
+    def __init__(self, cross_attention_dim: int, inner_dim: int):
+        super().__init__()
+        self.to_k = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+        nn.init.zeros_(self.to_k.weight)
+        nn.init.zeros_(self.to_v.weight)
+
+
+class UserContext:
+    """What the processors of one adapter read during a forward pass."""
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+        self.enabled: bool | None = None  # None: neither conditioned nor disabled
+
+
+class UserAttnProcessor:
+    """AttnProcessor2_0 plus attention over the user tokens (cross-attention layers only)."""
+
+    def __init__(self, name: str, branch: UserBranch, context: UserContext, scale: float):
+        self.name = name
+        self.branch = branch
+        self.context = context
+        self.scale = scale
+
+    def _user_tokens(self, batch_size: int) -> torch.Tensor:
+        tokens = self.context.tokens
+        assert tokens is not None
+        if tokens.shape[0] == batch_size:
+            return tokens
+        if batch_size % tokens.shape[0] == 0:
+            return tokens.repeat(batch_size // tokens.shape[0], 1, 1)
+        raise SageError(f"user adapter: {tokens.shape[0]} user rows cannot condition a batch of {batch_size}")
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.context.enabled is None:
+            raise SageError("user adapter: UNet called outside `adapter.conditioned(...)` or `adapter.disabled()`")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                       dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if self.context.enabled:
+            tokens = self._user_tokens(batch_size)
+            user_key = self.branch.to_k(tokens.to(self.branch.to_k.weight.dtype)).to(query.dtype)
+            user_value = self.branch.to_v(tokens.to(self.branch.to_v.weight.dtype)).to(query.dtype)
+            user_key = user_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            user_value = user_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            user_states = F.scaled_dot_product_attention(query, user_key, user_value, dropout_p=0.0,
+                                                         is_causal=False)
+            user_states = user_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states + self.scale * user_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_layers(unet: Any) -> list[tuple[str, int]]:
+    """(processor name, inner dim) of every cross-attention layer, in ``attn_processors`` order."""
+    from diffusers.models.attention_processor import Attention
+
+    modules = dict(unet.named_modules())
+    layers = []
+    for name in unet.attn_processors:
+        module = modules[name.removesuffix(".processor")]
+        if isinstance(module, Attention) and module.is_cross_attention:
+            layers.append((name, module.to_q.out_features))
+    return layers
+
+
+def _key(layer_name: str) -> str:
+    return layer_name.removesuffix(".processor").replace(".", "__")
+
+
+class UserAdapter(nn.Module):
+    """Projection + per-layer user branches; installs itself on a UNet as attention processors."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        if len(config.layers) != len(config.layer_dims) or not config.layers:
+            raise SageError("user adapter config: `layers` and `layer_dims` must list the same cross-attention layers")
+        self.config = config
+        self.projection = UserProjection(config.embedding_dim, config.n_tokens, config.cross_attention_dim)
+        self.branches = nn.ModuleDict({_key(name): UserBranch(config.cross_attention_dim, dim)
+                                       for name, dim in zip(config.layers, config.layer_dims)})
+        self.context = UserContext()
+        self.scales = {name: float(config.scale) for name in config.layers}
+        self._installed: tuple[Any, dict[str, Any]] | None = None
+
+    @classmethod
+    def for_unet(cls, unet: Any, embedding_dim: int, n_tokens: int = 4, scale: float = 1.0, **extra: Any
+                 ) -> UserAdapter:
+        layers = cross_attention_layers(unet)
+        if not layers:
+            raise SageError("user adapter: this UNet has no cross-attention layers")
+        config = AdapterConfig(embedding_dim=embedding_dim, cross_attention_dim=int(unet.config.cross_attention_dim),
+                               n_tokens=n_tokens, scale=scale, layers=[n for n, _ in layers],
+                               layer_dims=[d for _, d in layers], **extra)
+        return cls(config)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """User embeddings (B, embedding_dim) -> user tokens (B, n_tokens, D)."""
+        return self.projection(embedding)
+
+    def set_scale(self, scale: float | dict[str, float]) -> None:
+        """One scale for every layer, or {layer name: scale} for some."""
+        updates = scale if isinstance(scale, dict) else {name: float(scale) for name in self.scales}
+        unknown = set(updates) - set(self.scales)
+        if unknown:
+            raise SageError(f"user adapter: no cross-attention layer named {sorted(unknown)[0]}")
+        self.scales.update(updates)
+        if self._installed is not None:
+            for name, processor in self._installed[0].attn_processors.items():
+                if isinstance(processor, UserAttnProcessor) and processor.context is self.context:
+                    processor.scale = self.scales[name]
+
+    def install(self, unet: Any) -> None:
+        if self._installed is not None:
+            raise SageError("user adapter: already installed on a UNet; remove it first")
+        original = dict(unet.attn_processors)
+        missing = [name for name in self.config.layers if name not in original]
+        if missing:
+            raise SageError(f"user adapter: the UNet has no layer {missing[0]} (adapter made for another backbone?)")
+        processors = dict(original)
+        for name in self.config.layers:
+            processors[name] = UserAttnProcessor(name, self.branches[_key(name)], self.context, self.scales[name])
+        unet.set_attn_processor(dict(processors))  # set_attn_processor pops from the dict it is given
+        self._installed = (unet, original)
+
+    def remove(self) -> None:
+        if self._installed is None:
+            return
+        unet, original = self._installed
+        unet.set_attn_processor(dict(original))
+        self._installed = None
+
+    @contextlib.contextmanager
+    def conditioned(self, tokens: torch.Tensor) -> Iterator[None]:
+        """Forward passes inside the block attend to these user tokens (B_u, n_tokens, D)."""
+        previous = (self.context.tokens, self.context.enabled)
+        self.context.tokens, self.context.enabled = tokens, True
+        try:
+            yield
+        finally:
+            self.context.tokens, self.context.enabled = previous
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Forward passes inside the block are exactly the base UNet's (the DPO reference)."""
+        previous = (self.context.tokens, self.context.enabled)
+        self.context.tokens, self.context.enabled = None, False
+        try:
+            yield
+        finally:
+            self.context.tokens, self.context.enabled = previous
+
+    def save(self, directory: Path | str, **training: Any) -> Path:
+        from safetensors.torch import save_file
+
+        from sage_builder.store import atomic_path, atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "sage_adapter": str(FORMAT_VERSION)})
+        config = asdict(self.config)
+        config["scale"] = self.config.scale
+        if training:
+            config["training"] = {**config.get("training", {}), **training}
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path | str) -> UserAdapter:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).exists() or not (directory / WEIGHTS_NAME).exists():
+            raise SageError(f"{directory}: not a user adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        data = json.loads((directory / CONFIG_NAME).read_text())
+        known = set(AdapterConfig.__dataclass_fields__)
+        adapter = cls(AdapterConfig(**{k: v for k, v in data.items() if k in known}))
+        state = load_file(str(directory / WEIGHTS_NAME))
+        missing, unexpected = adapter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SageError(f"{directory / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
+                            f"(missing {missing[:1]}, unexpected {unexpected[:1]})")
+        return adapter
