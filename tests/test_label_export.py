@@ -91,3 +91,17 @@ def test_pickapic_columns(dataset, tmp_path):
 def test_export_rejects_unknown_format(dataset, tmp_path):
     result = CliRunner().invoke(app, ["export", str(dataset), "-f", "webdataset", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "choose one of psalign, pickapic" in result.output
+
+
+def test_psalign_rerun_replaces_an_earlier_export(dataset, tmp_path):
+    out = tmp_path / "psalign"
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(dataset), "--out", str(out), "--split", "val"]).exit_code == 0
+    stale = out / "val" / "user_9999999_hate_x_00001_s.jpg"
+    stale.write_bytes(b"old")
+    assert runner.invoke(app, ["export", str(dataset), "--out", str(out), "--split", "val"]).exit_code == 0
+    assert not stale.exists() and (out / "val" / "metadata.jsonl").exists()
+    (tmp_path / "other" / "val").mkdir(parents=True)
+    (tmp_path / "other" / "val" / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(dataset), "--out", str(tmp_path / "other"), "--split", "val"])
+    assert result.exit_code == 2 and "not empty" in result.output

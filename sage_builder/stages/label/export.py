@@ -115,8 +115,13 @@ def export_psalign(root: Path, out: Path, splits: list[str]) -> dict[str, int]:
     try:
         for split in splits:
             split_dir = out / split
-            split_dir.mkdir(parents=True, exist_ok=True)
+            if split_dir.exists():
+                if not (split_dir / "metadata.jsonl").exists() and any(split_dir.iterdir()):
+                    raise SageError(f"{split_dir}: not empty and not an earlier export; choose another --out")
+                shutil.rmtree(split_dir)  # an earlier export: replaced whole, so no stale image survives
+            split_dir.mkdir(parents=True)
             n = 0
+            owner: dict[str, str] = {}  # file name -> pair_id, to catch two concepts that map to one name
             tmp = split_dir / "metadata.jsonl.tmp"
             with open(tmp, "w", encoding="utf-8") as handle:
                 for path in _files(root, "preferences", split):
@@ -125,6 +130,10 @@ def export_psalign(root: Path, out: Path, splits: list[str]) -> dict[str, int]:
                         for name, variant in ((meta["chosen"], rec["chosen_variant"]),
                                               (meta["rejected"], rec["rejected_variant"])):
                             target = split_dir / name
+                            if owner.setdefault(name, rec["pair_id"]) != rec["pair_id"]:
+                                raise SageError(f"{path} record {rec['record_id']}: file name {name} is also "
+                                                f"used by pair {owner[name]} (concepts that differ only by "
+                                                f"spaces/underscores); rename one concept in stage 2")
                             if target.exists():
                                 continue
                             pooled = pool / f"{rec['pair_id']}_{variant}.jpg"

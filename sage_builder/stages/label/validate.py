@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class Report:
             if len(items) > limit:
                 out.append(f"{kind}: ... and {len(items) - limit} more")
         total = sum(len(v) for v in self.problems.values())
-        summary = ", ".join(f"{k}={len(v)}" for k, v in self.problems.items() if v)
+        summary = ", ".join(f"{k}={len(self.problems[k])}" for k in CHECKS if self.problems.get(k))
         out.append(f"{total} problem(s): {summary}" if total else
                    "ok: " + ", ".join(f"{k}={v}" for k, v in self.counts.items()))
         return out
@@ -72,7 +73,8 @@ def _decodes(data: bytes | None) -> str | None:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the finding
-        return f"{exc.__class__.__name__}: {str(exc)[:80]}"
+        detail = re.sub(r" <[^>]*>", "", str(exc))[:80]  # drop the BytesIO repr PIL puts in its message
+        return f"{exc.__class__.__name__}: {detail}"
     return None
 
 
