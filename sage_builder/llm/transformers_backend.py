@@ -200,28 +200,34 @@ class ConstrainedSampler:
             if not self._done[row] and not matcher.is_error():
                 lltorch.fill_next_token_bitmask(matcher, bitmask, row)
         allowed = _unpack_bitmask(bitmask, vocab).to(scores.device)
-        chosen = torch.empty(batch, dtype=torch.long, device=scores.device)
+        logits = scores.float().masked_fill(~allowed, float("-inf"))
+        stop = [self._done[row] or self.matchers[row].is_error() or step >= self.limits[row] for row in range(batch)]
+        if self.temperature == 0.0:
+            chosen = torch.argmax(logits, dim=-1)
+        else:
+            probs = _top_p(torch.softmax(logits / self.temperature, dim=-1), self.top_p)
+            chosen = torch.empty(batch, dtype=torch.long, device=scores.device)
+            for row in range(batch):
+                if not stop[row]:  # each row draws from its own generator: batch-independent
+                    chosen[row] = torch.multinomial(probs[row], 1, generator=self._generators[row])[0]
         for row in range(batch):
-            if self._done[row] or self.matchers[row].is_error() or step >= self.limits[row]:
+            if stop[row]:
                 chosen[row] = self.eos_token_id
-                continue
-            logits = scores[row].float().masked_fill(~allowed[row], float("-inf"))
-            chosen[row] = self._pick(logits, self._generators[row])
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1), 0.0)
         return out
 
-    def _pick(self, logits: Any, generator: Any) -> int:
-        import torch
 
-        if self.temperature == 0.0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.top_p  # the top token always stays
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=generator))
+def _top_p(probs: Any, top_p: float) -> Any:
+    """Keep the smallest set of tokens whose mass reaches ``top_p`` (the top token always stays)."""
+    import torch
+
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 def _unpack_bitmask(bitmask: Any, vocab: int) -> Any:
