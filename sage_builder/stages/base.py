@@ -97,6 +97,10 @@ class Stage(ABC):
     def run(self, ctx: StageContext) -> None:
         """Compute and write the outputs through ``ctx``; resumable at item granularity."""
 
+    def extras(self, run: RunDir, config: PipelineConfig, options: dict[str, Any]) -> None:
+        """Optional viewing aids asked for on the command line (e.g. a contact sheet), made after the
+        stage ran or was found up to date; they are not outputs and not in the manifest."""
+
     def report(self, stage_dir: StageDir, manifest: Manifest) -> dict[str, Any]:
         """A small summary for ``sage status`` (default: the manifest's stats)."""
         return manifest.stats
@@ -176,6 +180,7 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
     if existing is not None and not force and existing.fingerprint == value:
         if all(stage_dir.file(rel).exists() for rel in existing.outputs):
             log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
+            stage.extras(run, config, dict(options or {}))
             return existing
     if existing is not None:
         stage_dir.invalidate()
@@ -204,4 +209,5 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
     )
     stage_dir.write_manifest(manifest)
     log.info("stage %s: done in %.1f s -> %s", stage.name, manifest.seconds, stage_dir.path)
+    stage.extras(run, config, ctx.options)
     return manifest

@@ -1,0 +1,136 @@
+"""Where rendering runs: in this process, or one worker process per visible GPU.
+
+The work is cut into batches once, from the plan's key order, and batch ``i`` goes to worker
+``i % n``. Every image is therefore rendered in the same batch whatever the number of workers,
+so the bytes are identical with 1 or N workers on any device (on CPU they are batch-invariant
+anyway). A worker writes its own item-cache parts; the stage assembles the shards afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sage_builder.config  # noqa: F401  (the config tree first: it imports the stage sections)
+from sage_builder.errors import SageError
+from sage_builder.progress import progress
+from sage_builder.stages.render.config import RenderConfig
+from sage_builder.stages.render.engine import (ImageJob, RenderSettings, load_pipeline, make_batch_invariant,
+                                               render_batches)
+from sage_builder.store import ItemCache
+
+log = logging.getLogger("sage.render")
+
+
+@dataclass
+class RenderTask:
+    """What one worker renders: its batches (lists of jobs) and how."""
+
+    config: RenderConfig
+    settings: RenderSettings
+    revision: str | None
+    device: str
+    batches: list[list[ImageJob]]
+    cache_dir: Path
+    writer_id: str
+    threads: int | None = None
+
+
+def split_batches(jobs: Sequence[ImageJob], batch_size: int, n_workers: int) -> list[list[list[ImageJob]]]:
+    """Cut ``jobs`` (in plan order) into batches and deal them round-robin to ``n_workers``."""
+    batches = [list(jobs[i:i + batch_size]) for i in range(0, len(jobs), batch_size)]
+    return [batches[w::n_workers] for w in range(n_workers)]
+
+
+def run_task(task: RenderTask, on_written: Any = None) -> int:
+    import torch
+
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    pipe = load_pipeline(task.config, task.device, compile_unet=task.config.compile)
+    if task.device == "cpu":
+        make_batch_invariant(pipe)
+    # The batches are already cut: their composition is kept exactly.
+    writer = render_batches(pipe, task.batches, task.settings, ItemCache(task.cache_dir), task.revision,
+                            writer_id=task.writer_id, pad_to=task.config.batch_size if task.config.compile else 0,
+                            on_written=on_written)
+    return writer.written
+
+
+def _worker_main(task: RenderTask, events: Any) -> None:
+    try:
+        run_task(task, on_written=lambda n: events.put(("written", n)))
+        events.put(("done", task.writer_id))
+    except SageError as exc:
+        events.put(("error", str(exc)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        events.put(("error", f"worker {task.writer_id}: {exc.__class__.__name__}: {exc}"))
+
+
+def render_all(config: RenderConfig, settings: RenderSettings, revision: str | None, device: str,
+               jobs: Sequence[ImageJob], cache: ItemCache, n_workers: int) -> int:
+    """Render ``jobs`` (missing keys, plan order) with ``n_workers``; returns images written."""
+    if not jobs:
+        return 0
+    per_worker = split_batches(jobs, config.batch_size, n_workers)
+    bar = progress(total=len(jobs), desc="render", unit="img")
+    try:
+        if n_workers == 1:
+            task = RenderTask(config, settings, revision, device, per_worker[0], cache.directory, "w0")
+            return run_task(task, on_written=bar.update)
+        return _run_processes(config, settings, revision, device, per_worker, cache, bar)
+    finally:
+        bar.close()
+
+
+def _run_processes(config: RenderConfig, settings: RenderSettings, revision: str | None, device: str,
+                   per_worker: list[list[list[ImageJob]]], cache: ItemCache, bar: Any) -> int:
+    import os
+
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    n = len(per_worker)
+    threads = max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None
+    procs = []
+    for rank, batches in enumerate(per_worker):
+        worker_device = f"cuda:{rank}" if device.startswith("cuda") else device
+        task = RenderTask(config, settings, revision, worker_device, batches, cache.directory, f"w{rank}", threads)
+        proc = ctx.Process(target=_worker_main, args=(task, events), name=f"render-w{rank}", daemon=True)
+        proc.start()
+        procs.append(proc)
+    written, finished, errors = 0, 0, []
+    try:
+        while finished < n:
+            try:
+                kind, value = events.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead and finished + len(errors) < n:
+                    # A worker killed from outside (OOM, signal) reports nothing.
+                    time.sleep(1.0)
+                    if events.empty():
+                        errors.append(f"worker {dead[0].name} died (exit code {dead[0].exitcode})")
+                        break
+                continue
+            if kind == "written":
+                written += value
+                bar.update(value)
+            elif kind == "done":
+                finished += 1
+            else:
+                errors.append(value)
+                finished += 1
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if errors else None)
+            if proc.is_alive():
+                proc.terminate()
+    if errors:
+        raise SageError(f"render: {errors[0]} (finished images are kept; rerun to resume)")
+    return written
