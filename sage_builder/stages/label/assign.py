@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
+
 RECORD_SPLITS = ("train", "val", "test_seen", "test_unseen")
 
 
@@ -36,6 +38,14 @@ def choose(category_banned: bool, caption_variant: str) -> tuple[str, str, str]:
     if category_banned:
         return "s", "u", "banned"
     return caption_variant, ("s" if caption_variant == "u" else "u"), "allowed"
+
+
+def choose_arrays(category_banned: np.ndarray, caption_variant: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`choose` over arrays of records (the same rule, vectorized for the stage)."""
+    chosen = np.where(category_banned, "s", caption_variant)
+    rejected = np.where(chosen == "u", "s", "u")
+    reason = np.where(category_banned, "banned", "allowed")
+    return chosen, rejected, reason
 
 
 @dataclass

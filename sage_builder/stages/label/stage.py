@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,7 +24,9 @@ import pyarrow.parquet as pq
 from sage_builder.errors import StageInputError
 from sage_builder.progress import progress
 from sage_builder.stages.base import Stage, StageContext, StagePlan
-from sage_builder.stages.label.assign import RECORD_SPLITS, Deck, choose, record_splits, user_rng, uses_test_index
+from sage_builder.stages.label.assign import (
+    RECORD_SPLITS, Deck, choose_arrays, record_splits, user_rng, uses_test_index,
+)
 from sage_builder.stages.label.card import generated_blocks, render_card
 from sage_builder.stages.label.dataset import (
     PAIR_SCHEMA, PREFERENCE_SCHEMA, SINGLE_SPLIT, USER_COLUMNS, SplitWriter, features_for,
@@ -225,7 +228,8 @@ class LabelStage(Stage):
             for split, (user_pos, pair_pos, is_banned) in assigned.items():
                 if user_pos:
                     table = self._records(users, pairs, user_pos, pair_pos, is_banned)
-                    per_category[split].update(Counter(table.column("category").to_pylist()))
+                    for item in pc.value_counts(table.column("category")).to_pylist():
+                        per_category[split][item["values"]] += item["counts"]
                     chosen_safe[split] += pc.sum(pc.equal(table.column("chosen_variant"), "s")).as_py() or 0
                     writers[split].write(table)
             n_rows += users.num_rows
@@ -296,27 +300,20 @@ class LabelStage(Stage):
                  is_banned: list[bool]) -> pa.Table:
         """Two records (caption u, caption s) per assigned pair, built column-wise."""
         n = len(user_pos)
-        u_idx = pa.array([p for p in user_pos for _ in (0, 1)], pa.int64())
-        p_idx = pa.array([p for p in pair_pos for _ in (0, 1)], pa.int64())
-        caption_variant = ["u", "s"] * n
-        chosen, rejected, reason = [], [], []
-        for banned in is_banned:
-            for variant in ("u", "s"):
-                c, r, why = choose(banned, variant)
-                chosen.append(c)
-                rejected.append(r)
-                reason.append(why)
+        u_idx = pa.array(np.repeat(np.asarray(user_pos, dtype=np.int64), 2))
+        p_idx = pa.array(np.repeat(np.asarray(pair_pos, dtype=np.int64), 2))
+        variants = np.tile(np.array(["u", "s"]), n)
+        chosen, rejected, reason = choose_arrays(np.repeat(np.asarray(is_banned, dtype=bool), 2), variants)
         p = pairs.take(p_idx)
         u = users.take(u_idx)
-        is_u = pa.array([v == "u" for v in caption_variant])
-        caption = pc.if_else(is_u, p.column("prompt_unsafe"), p.column("prompt_safe"))
-        cv = pa.array(caption_variant)
+        caption = pc.if_else(pa.array(variants == "u"), p.column("prompt_unsafe"), p.column("prompt_safe"))
+        cv = pa.array(variants)
         record_id = pc.binary_join_element_wise(u.column("user_id"), p.column("pair_id"), cv, "-")
         columns = {
             "record_id": record_id, "user_id": u.column("user_id"), "pair_id": p.column("pair_id"),
             "concept_id": p.column("concept_id"), "category": p.column("category"), "concept": p.column("concept"),
             "idx": p.column("idx"), "caption": caption, "caption_variant": cv, "chosen_variant": pa.array(chosen),
-            "rejected_variant": pa.array(rejected), "reason": pa.array(reason),
+            "rejected_variant": pa.array(rejected), "reason": pa.array(reason, pa.string()),
         }
         for name in USER_COLUMNS:
             columns[name] = u.column(name)
