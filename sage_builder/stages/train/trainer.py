@@ -229,9 +229,11 @@ class AdapterTrainer:
                                    self.frozen.vae_id, config.resolution, cache_dtype)
         self.texts = TextCache(self.work_dir / "cache" / "text", self.frozen.encode_text, self.frozen.text_id,
                                cache_dtype)
-        self.adapter = UserAdapter.for_unet(self.frozen.unet, data.embedding_dim, n_tokens=config.n_user_tokens,
-                                            scale=config.adapter_scale, backbone=config.backbone,
-                                            base_model=model_id, dataset=data.source)
+        with torch.random.fork_rng(devices=[]):  # the projection's initial weights depend on train.seed only
+            torch.manual_seed(config.seed)
+            self.adapter = UserAdapter.for_unet(self.frozen.unet, data.embedding_dim,
+                                                n_tokens=config.n_user_tokens, scale=config.adapter_scale,
+                                                backbone=config.backbone, base_model=model_id, dataset=data.source)
         self.adapter.to(self.accelerator.device, torch.float32)
         self.adapter.install(self.frozen.unet)
         self.state = TrainerState(config.seed)
