@@ -93,3 +93,19 @@ def test_smollm2_replies_are_schema_valid(smollm2_dir):
         results = list(llm.run(requests(4)))
     assert all(r.ok for r in results), [r.errors for r in results if not r.ok]
     assert all(isinstance(r.value, Ban) for r in results)
+
+
+def test_same_named_schemas_with_other_enums_get_their_own_grammar(tiny_llama):
+    from pydantic import create_model
+
+    def reply_model(categories: tuple[str, ...]):
+        return create_model("Reply", forbidden=(list[Literal[categories]], Field(min_length=1)))  # type: ignore
+
+    first, second = reply_model(("Hate", "Violence")), reply_model(("Weather",))
+    messages = [{"role": "user", "content": "Which?"}]
+    with backend(tiny_llama, max_new_tokens=48) as llm:
+        results = list(llm.run([LLMRequest(key="a", schema=first, messages=messages),
+                                LLMRequest(key="b", schema=second, messages=messages)]))
+    assert all(r.ok for r in results), [r.errors for r in results]
+    by_key = {r.key: r.value for r in results}
+    assert set(by_key["b"].forbidden) == {"Weather"} and set(by_key["a"].forbidden) <= {"Hate", "Violence"}

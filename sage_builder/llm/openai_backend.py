@@ -86,6 +86,7 @@ class OpenAIBackend(LLMBackend):
         # OpenAI rejects unknown request fields; vLLM and most compatible servers accept them.
         self.send_structured_outputs = not is_openai_host(self.base_url)
         self.stats: Counter[str] = Counter()
+        self._schemas: dict[type, dict[str, Any]] = {}
         self._api_key = os.environ.get(config.api_key_env) or "EMPTY"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -119,7 +120,9 @@ class OpenAIBackend(LLMBackend):
     def request_body(self, request: LLMRequest, seed: int) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` for one request."""
         c = self.config
-        schema = request.json_schema()
+        schema = self._schemas.get(request.schema)
+        if schema is None:
+            schema = self._schemas[request.schema] = request.json_schema()
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": request.messages,

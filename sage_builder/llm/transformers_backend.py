@@ -100,13 +100,16 @@ class TransformersBackend(LLMBackend):
 
         if self._ll_tokenizer is None:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self._vocab_size())
-        name = request.schema.__qualname__
-        if name not in self._grammars:
-            self._grammars[name] = llguidance.LLMatcher.grammar_from_json_schema(
-                request.json_schema(), defaults={"whitespace_flexible": False})
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, self._grammars[name], log_level=0)
+        schema = request.json_schema()
+        # Keyed by content: stages build reply models on the fly (same name, other enums).
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False})
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, self._grammars[key], log_level=0)
         if matcher.is_error():
-            raise SageError(f"reply schema {name}: llguidance cannot compile it ({matcher.get_error()})")
+            raise SageError(f"reply schema {request.schema.__name__}: llguidance cannot compile it "
+                            f"({matcher.get_error()})")
         return matcher
 
     def _vocab_size(self) -> int:
