@@ -43,7 +43,7 @@ class TrainConfig(StrictModel):
     adapter_scale: float = Field(1.0, description="default per-layer scale of the user branch")
 
     resolution: int = Field(1024, ge=8, description="training crop size in pixels (multiple of 8)")
-    random_crop: bool = Field(True, description="random crop on the 8-px latent grid (same for both images)")
+    random_crop: bool = Field(True, description="random crop on the latent grid (8 px for SD/SDXL), the same for both images")
     random_flip: bool = Field(True, description="horizontal flip with p=0.5 (same for both images)")
     caption_dropout: float = Field(0.2, ge=0.0, le=1.0, description="probability a caption becomes \"\"")
 

@@ -9,7 +9,7 @@ Latent cache: each distinct image is VAE-encoded once, keyed by sha256(image byt
 resolution, preprocessing version), and stored as ``<key>.safetensors`` holding the posterior
 mean of the image *and of its horizontal mirror*. Flips are therefore exact (a flipped latent is
 not the latent of the flipped image, so flipping in latent space would be wrong). Random crops are
-taken in latent space on the 8-pixel grid from the latent of the whole (resized) image; Sage's
+taken in latent space, on the latent grid (8 px for SD1.5/SDXL), from the latent of the whole (resized) image; Sage's
 renders are square at the training resolution, so for them the crop is the whole image and exact.
 Text cache: the text-encoder outputs of each distinct caption (including the empty caption used
 for caption dropout), keyed by sha256(caption, text-encoder id).

@@ -61,7 +61,8 @@ class TrainStage(Stage):
         return StagePlan(items=cfg.max_steps, unit="optimizer steps", gpu_seconds=gpu, notes=[
             f"{micro} micro-batches of {cfg.batch_size} pairs per GPU ({2 * cfg.batch_size * micro} images per GPU), "
             f"{cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.warmup_steps} warmup), beta {cfg.beta:g}",
-            "GPU-hours assume one GPU; with N GPUs under `accelerate launch` divide by N"])
+            f"GPU-hours assume {SDXL_SECONDS_PER_MICRO_BATCH} s per micro-batch on one GPU (an assumption until "
+            f"benchmarks/gpu/bench_train_gpu.py has measured it); with N GPUs divide by N"])
 
     def run(self, ctx: StageContext) -> None:
         from sage_builder.stages.train.data import load_preference_data

@@ -1,7 +1,7 @@
 """A small synthetic stage-4 dataset for the trainer's tests and benchmarks.
 
-Two image classes stand in for the two variants of a pair: "u" images are warm (red) noise
-textures, "s" images cool (blue) ones, each pair with its own texture. Two users with opposite
+Two image classes stand in for the two variants of a pair: "u" images are warm vertical stripes,
+"s" images cool horizontal stripes, each pair with its own phase and noise. Two users with opposite
 preferences share every pair and the same caption: user 0000001 bans the category (prefers "s"),
 user 0000002 allows it (prefers "u"). The preference is therefore learnable only from the user
 embedding. The layout is the one stage 4 writes (Hub layout, ``datasets`` features in each shard).
@@ -36,12 +36,19 @@ configs:
 
 
 def _image(rng: np.random.Generator, warm: bool, size: int) -> bytes:
+    """Warm vertical stripes ("u") or cool horizontal stripes ("s"), each with its own phase and noise.
+
+    The classes differ in spatial structure, not only in colour: a colour shift is mostly a constant
+    offset of the latents, which the UNet's GroupNorms remove.
+    """
     from PIL import Image
 
-    texture = rng.normal(0.0, 1.0, (size // 8, size // 8, 1))
-    texture = np.kron(texture, np.ones((8, 8, 1)))
-    base = np.array([0.75, 0.2, 0.2]) if warm else np.array([0.2, 0.25, 0.75])
-    pixels = np.clip(base + 0.12 * texture + rng.normal(0, 0.03, (size, size, 3)), 0, 1)
+    period = 8
+    phase = int(rng.integers(0, period))
+    ramp = ((np.arange(size) + phase) // (period // 2)) % 2
+    stripes = np.broadcast_to(ramp[None, :] if warm else ramp[:, None], (size, size))[..., None]
+    base = np.array([0.75, 0.3, 0.25]) if warm else np.array([0.25, 0.3, 0.75])
+    pixels = np.clip(base * (0.35 + 0.65 * stripes) + rng.normal(0, 0.04, (size, size, 3)), 0, 1)
     buffer = io.BytesIO()
     Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()

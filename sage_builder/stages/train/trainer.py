@@ -78,7 +78,8 @@ class FrozenDiffusion:
         self.unet.to(device, weight_dtype)
         for encoder in self._text_encoders():
             encoder.to(device, weight_dtype)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+        # Pixels per latent pixel: 8 for SD1.5/SDXL, 2 for the tiny test VAE.
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _text_encoders(self) -> list[nn.Module]:
         encoders = [self.pipeline.text_encoder]
@@ -277,8 +278,10 @@ class AdapterTrainer:
 
     def _pair_latents(self, rec: PreferenceRecord, flip: bool, top_left: Callable[[int, int], tuple[int, int]]
                       ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Chosen and rejected latents with the same flip and crop, and SDXL's (original hw, crop) ids."""
-        res = self.config.resolution // 8
+        """Chosen and rejected latents with the same flip and crop (on the latent grid), and SDXL's
+        (original hw, crop top-left) ids. Uncached, the same crop is cut from the pixels and encoded."""
+        factor = self.frozen.vae_scale_factor
+        res = self.config.resolution // factor
         if self.config.cache_latents:
             entries = [self.latents.entry(rec.pair_id, v) for v in (rec.chosen, rec.rejected)]
             full = [e["latent_flipped" if flip else "latent"] for e in entries]
@@ -291,7 +294,7 @@ class AdapterTrainer:
                 pixels, hw = prepare_pixels(image, self.config.resolution)
                 full.append(pixels.flip(-1) if flip else pixels)
                 original = list(hw)
-        scale = 1 if self.config.cache_latents else 8
+        scale = 1 if self.config.cache_latents else factor
         if full[0].shape != full[1].shape:
             raise SageError(f"record {rec.record_id}: the two images of pair {rec.pair_id} differ in size")
         top, left = top_left(full[0].shape[-2] // scale - res, full[0].shape[-1] // scale - res)
@@ -299,7 +302,7 @@ class AdapterTrainer:
         chosen, rejected = full[0][crop], full[1][crop]
         if not self.config.cache_latents:
             chosen, rejected = self.frozen.encode_images(torch.stack([chosen, rejected])).cpu()
-        return chosen, rejected, [*original, top * 8, left * 8]
+        return chosen, rejected, [*original, top * factor, left * factor]
 
     def make_batch(self, records: list[PreferenceRecord], gen: torch.Generator, augment: bool = True) -> Batch:
         """All randomness of a micro-batch, drawn in a fixed order from ``gen`` (augment=False: none
