@@ -87,6 +87,15 @@ def test_missing_model_folder_is_one_line_error(tmp_path):
     assert "\n" not in message and message.startswith("llm.model:") and "make models" in message
 
 
+def test_uncached_hub_model_offline_is_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SageError) as err:
+        backend(Path("sage-builder-test/no-such-model"))
+    message = str(err.value)
+    assert "\n" not in message and "llm.model: cannot load 'sage-builder-test/no-such-model'" in message
+    assert "make models" in message
+
+
 @pytest.mark.slow
 def test_smollm2_replies_are_schema_valid(smollm2_dir):
     with backend(smollm2_dir, temperature=0.0, max_new_tokens=48, batch_size=4, max_attempts=2) as llm:
