@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
-        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-gpu gpu-wheels clean
+        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-gpu gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
 # pip keeps the local CPU wheel instead of resolving a multi-GB CUDA build.
@@ -63,7 +63,7 @@ status: setup
 plan: setup
 	$(SAGE) plan --config $(PIPELINE)
 
-bench: bench-render bench-label bench-publish bench-train bench-llm
+bench: bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends
 
 bench-render: models
 	$(PY) benchmarks/bench_render_cpu.py
@@ -79,6 +79,9 @@ bench-train: models
 
 bench-llm: models
 	$(PY) benchmarks/bench_llm_openai.py
+
+bench-llm-backends: models
+	$(PY) benchmarks/bench_llm_backends.py --transformers $(MODELS)/smollm2-135m-instruct
 
 # Wheels the GPU machine lacks (it has torch, transformers, accelerate, pyarrow, pandas, typer
 # but no network, no diffusers and no pydantic): downloaded here into .whl/, carried along, and
