@@ -64,7 +64,7 @@ def read(run: Path) -> dict:
 def rules_reply(spec, fail_for: set[str] = frozenset()):
     """A scripted LLM that answers by the rules, except for users whose attributes are in fail_for."""
     def reply(request, seed):
-        user = json.loads(request.messages[-1]["content"].split("User profile (JSON):\n")[1].split("\n")[0])
+        user = json.loads(request.messages[-1]["content"].split("User profile: ")[1].split("\n")[0])
         demo = Demographics(user["Age"], user["Age_Group"], user["Gender"], user["Religion"],
                             user["Physical_Condition"], user["Mental_Condition"])
         if json.dumps(user) in fail_for:
@@ -259,7 +259,7 @@ def test_llm_labeller_request_and_schema(tmp_path, tiny_llama, monkeypatch, spec
     assert schema["$defs"]["Category"]["enum"] == CATEGORIES
     user = first.messages[-1]["content"]
     assert '{"Age": 18, "Age_Group": "adolescents", "Gender": "male", "Religion": "Islam", ' in user
-    assert "under 18" in user and ", ".join(CATEGORIES) in user
+    assert "Under 18" in user and ", ".join(CATEGORIES) in user
     data = read(tmp_path)
     # The retried user got the second reply: duplicates removed, not "nothing banned" by default.
     assert data["banned"] == [["Sexuality"], [], []]
@@ -317,3 +317,23 @@ def test_cli_missing_model_writes_nothing(tmp_path):
     assert result.exit_code != 0
     assert f"llm.model: {tmp_path / 'missing-model'} does not exist" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_stage_end_to_end_with_smollm2(tmp_path, smollm2_dir):
+    """The real thing at toy size: SmolLM2-135M labels through the transformers backend (llguidance
+    constrained decoding) and embeds; replies are schema-valid and the report is complete."""
+    config = make_config(smollm2_dir, labeller="llm", n_users=6, on_rejected="exclude")
+    config.llm.max_new_tokens = 64
+    manifest = run_stage(profiles_stage.STAGE, config, RunDir(tmp_path))
+    data = read(tmp_path)
+    rejects = pq.read_table(tmp_path / "profiles" / "rejects.parquet").num_rows
+    assert len(data["user_id"]) - 1 + rejects == 6
+    assert set(data["labeller"][:-1]) == {"llm"}
+    assert all(set(b) <= set(CATEGORIES) for b in data["banned"])
+    assert manifest.stats["embedding_dim"] == 576
+    raws = pq.read_table(RunDir(tmp_path).stage("profiles").items("bans").parts()[0]).column("raw").to_pylist()
+    assert all(json.loads(r).keys() == {"forbidden"} for r in raws)
+    report = json.loads((tmp_path / "profiles" / "report.json").read_text())
+    assert report["llm"]["backend"] == "transformers" and report["llm"]["temperature"] == 0.7
+    assert len(report["rule_agreement"]["rules"]) == 4

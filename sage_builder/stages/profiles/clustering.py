@@ -31,11 +31,14 @@ def cluster_users(embeddings: np.ndarray, k: int, seed: int, extra: np.ndarray |
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.preprocessing import StandardScaler
 
+    from threadpoolctl import threadpool_limits
+
     n = embeddings.shape[0]
     k = min(k, n)
     scaler = StandardScaler().fit(embeddings)
     z = scaler.transform(embeddings)
-    with warnings.catch_warnings():
+    # One thread: the same clusters on every machine, and no OpenMP spinning on a busy CPU.
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         # Identical users give identical embeddings; fewer distinct points than k is reported below.
         warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(z)
@@ -101,12 +104,14 @@ def assign_splits(user_ids: list[str], sizes: dict[str, int], seed: int) -> tupl
 def tsne_map(z: np.ndarray, seed: int, perplexity: float) -> tuple[np.ndarray, float]:
     """2-D t-SNE of all users; perplexity is capped below the number of users."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     n = z.shape[0]
     if n < 4:
         return np.zeros((n, 2)), 0.0
     used = float(min(perplexity, max(1.0, (n - 1) / 3)))
-    coords = TSNE(n_components=2, perplexity=used, random_state=seed, init="pca").fit_transform(z)
+    with threadpool_limits(limits=1):
+        coords = TSNE(n_components=2, perplexity=used, random_state=seed, init="pca").fit_transform(z)
     return coords, used
 
 
