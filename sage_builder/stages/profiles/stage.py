@@ -112,8 +112,7 @@ class ProfilesStage(Stage):
         if unknown:
             raise ConfigError(f"{pc.statement_template}: unknown placeholder {{{{{sorted(unknown)[0]}}}}} "
                               f"(known: {', '.join(sorted(STATEMENT_VARS))})")
-        n_sampled = pc.n_users
-        clustering.split_sizes(n_sampled, pc.splits.train, pc.splits.val, pc.splits.test_unseen,
+        clustering.split_sizes(pc.n_users, pc.splits.train, pc.splits.val, pc.splits.test_unseen,
                                pc.splits.test_seen)
         key = "profiles.embedding_model" if pc.embedding_model else "llm.model"
         embedding.check_model_available(_embedding_model(config), key)
@@ -262,7 +261,6 @@ class ProfilesStage(Stage):
         config = ctx.config
         template = load_template(config.profiles.ban_template)
         cache = ctx.stage_dir.items("bans")
-        backend = None
         settings = _llm_key_settings(config)
         factory = labelling.BanLabelRequestFactory(template, list(config.categories), settings)
         keys = {uid: factory.key(uid, u) for uid, u in sampled.items()}
