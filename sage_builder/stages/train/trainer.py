@@ -484,7 +484,7 @@ class AdapterTrainer:
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=self.state.step)
             if on_step is not None:
                 on_step(row)
-            if self.state.step % cfg.checkpoint_every == 0 or self.state.step == stop_at:
+            if self.state.step % cfg.checkpoint_every == 0 or self.state.step == cfg.stop_at_step:
                 self.save_checkpoint()
         bar.close()
         acc.end_training()
