@@ -72,3 +72,18 @@ def test_missing_embedding_stops_the_stage_naming_the_user(tmp_path, models_dir)
     with pytest.raises(StageInputError, match="user 0000002 has no embedding"):
         run_stage(get_stage("train"), _config(models_dir), run)
     assert run.stage("train").read_manifest() is None
+
+
+@pytest.mark.slow
+def test_trains_on_what_stage_4_writes(tmp_path, models_dir):
+    """The data contract with the real label stage (fake stages 1-3 upstream, 16 px images)."""
+    from sage_builder.testing.fake_run import make_fake_run
+
+    run, config = make_fake_run(tmp_path / "run", n_users=12, pairs_per_category=1)
+    run_stage(get_stage("label"), config, run)
+    train = _config(models_dir, resolution=16, max_steps=1, eval_records=4,
+                    grid={"prompts": ["a street"], "steps": 1}).train
+    config = config.model_copy(update={"train": train})
+    manifest = run_stage(get_stage("train"), config, run)
+    assert manifest.stats["steps"] == 1 and manifest.stats["records"] > 0
+    assert run.stage("train").file("adapter/adapter.safetensors").exists()

@@ -111,8 +111,11 @@ def _load(source: str, config: str) -> Any:
                               f"({str(exc).splitlines()[0][:200]}); run stage 4 (label) first") from None
 
 
-def load_preference_data(source: str | Path, splits: Iterable[str]) -> PreferenceData:
-    """Load and check the dataset; raises a one-line StageInputError naming the bad record."""
+def load_preference_data(source: str | Path, splits: Iterable[str], optional: Iterable[str] = ()) -> PreferenceData:
+    """Load and check the dataset; raises a one-line StageInputError naming the bad record.
+
+    A split in ``optional`` that the dataset lacks (a small run's empty val split) reads as no records.
+    """
     import datasets
 
     source = str(source)
@@ -140,7 +143,12 @@ def load_preference_data(source: str | Path, splits: Iterable[str]) -> Preferenc
     pair_rows = {pid: i for i, pid in enumerate(pairs["pair_id"])}
 
     out: dict[str, list[PreferenceRecord]] = {}
-    for split in splits:
+    optional = set(optional)
+    for split in [*splits, *sorted(optional)]:
+        if split not in preferences and split in optional:
+            log.warning("%s: no '%s' split in the preferences config; nothing to evaluate on", source, split)
+            out[split] = []
+            continue
         if split not in preferences:
             raise StageInputError(f"{source}: the 'preferences' config has no split '{split}' "
                                   f"(it has {sorted(preferences.keys())})")

@@ -71,8 +71,7 @@ class TrainStage(Stage):
 
         config, cfg = ctx.config, ctx.config.train
         source = dataset_source(config, ctx.run)
-        splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_split else [])
-        data = load_preference_data(source, splits)
+        data = load_preference_data(source, [cfg.train_split], optional=[cfg.eval_split] if cfg.eval_split else [])
         # What a checkpoint must match to be resumed: the train section and the exact input data.
         fingerprint = stable_hash(cfg, ctx.input("label").content_hash() if not cfg.dataset else cfg.dataset)
         trainer = AdapterTrainer(cfg, data, ctx.stage_dir.path, fingerprint,
@@ -84,7 +83,7 @@ class TrainStage(Stage):
                 raise SageError(f"train: stopped at step {result.step} of {cfg.max_steps} (train.stop_at_step); "
                                 f"run the stage again without it to continue from {trainer.checkpoint_dir}")
             evaluation: dict[str, Any] = {"records": 0}
-            if cfg.eval_split:
+            if cfg.eval_split and data.splits[cfg.eval_split]:
                 held_out = data.splits[cfg.eval_split]
                 evaluation = trainer.evaluate(held_out[: cfg.eval_records] if cfg.eval_records else held_out)
             if not trainer.accelerator.is_main_process:
