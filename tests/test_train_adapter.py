@@ -43,6 +43,7 @@ def test_install_remove_leaves_unet_unchanged(tiny_sdxl):
     assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
 
 
+@pytest.mark.slow
 def test_zero_init_adapter_output_equals_base_exactly(tiny_sdxl):
     base = _render(tiny_sdxl)
     adapter = UserAdapter.for_unet(tiny_sdxl.unet, embedding_dim=16, n_tokens=4)
@@ -77,6 +78,7 @@ def test_forward_outside_a_context_is_an_error(tiny_sdxl):
         adapter.remove()
 
 
+@pytest.mark.slow
 def test_save_load_roundtrip_onto_saved_sdxl_and_sd15(tmp_path, models_dir):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

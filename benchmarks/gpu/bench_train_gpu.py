@@ -189,11 +189,21 @@ def main() -> None:
                 notes.append(f"{name} skipped: would pass the {args.budget_s:.0f} s budget")
                 log(notes[-1])
                 continue
-            try:
-                rows.append(run_mode(name, cached, args, pipeline, data, model_id, work))
-            except torch.OutOfMemoryError as exc:
-                notes.append(f"{name}: out of GPU memory at batch {args.batch_size} ({str(exc).splitlines()[0][:120]})")
-                log(notes[-1])
+            while True:
+                try:
+                    rows.append(run_mode(name, cached, args, pipeline, data, model_id, work))
+                    break
+                except torch.OutOfMemoryError as exc:
+                    notes.append(f"{name}: out of GPU memory at batch {args.batch_size} pairs "
+                                 f"({str(exc).splitlines()[0][:100]})")
+                    log(notes[-1])
+                    from sage_builder.stages.train.trainer import reset_accelerate
+
+                    reset_accelerate()
+                    if args.batch_size == 1 or rows:
+                        break
+                    args.batch_size = 1  # both modes then run at batch 1, so the ratio stays like for like
+            if len(rows) < (1 if name == "cached" else 2):
                 break
     finally:
         shutil.rmtree(work, ignore_errors=True)
