@@ -57,13 +57,14 @@ def clean_run(tmp_path_factory, models_dir):
     return run, manifest
 
 
-def test_pair_alone_matches_pair_inside_batch_of_4(models_dir):
+@pytest.mark.parametrize("backbone,folder", [("sdxl", "tiny-sdxl"), ("sd15", "tiny-sd15")])
+def test_pair_alone_matches_pair_inside_batch_of_4(models_dir, backbone, folder):
     import numpy as np
 
     from sage_builder.stages.render.engine import (ImageJob, RenderSettings, generate_batch, load_pipeline,
                                                    make_batch_invariant, pair_seed)
 
-    config = make_config(models_dir).render
+    config = make_config(models_dir, backbone=backbone, model=str(models_dir / folder)).render
     pipe = load_pipeline(config, "cpu")
     make_batch_invariant(pipe)
     settings = RenderSettings.from_config(config, "cpu")
@@ -172,7 +173,7 @@ def test_crash_then_resume_gives_identical_output(tmp_path, models_dir, clean_ru
     assert run.stage("render").read_manifest() is None
     assert len(run.stage("render").items("images").done_keys()) == 4  # two batches of 2 survived
     monkeypatch.setattr(engine, "generate_batch", real)
-    resumed = run_stage(STAGE, make_config(models_dir, batch_size=2), run)
+    resumed = run_stage(STAGE, make_config(models_dir, batch_size=3), run)
     assert resumed.stats["rendered_now"] == 8 and resumed.stats["reused"] == 4
     # Batch size is execution-only and pixels are batch-invariant: byte-identical to the clean run.
     assert output_hashes(resumed) == output_hashes(reference)
@@ -287,3 +288,38 @@ def test_image_key_depends_on_settings_not_batching(models_dir):
     for change in ({"steps": 3}, {"guidance": 6.0}, {"scheduler": "euler_a"}, {"quality": 90}, {"height": 72}):
         assert key != image_key("p", 1, RenderSettings.from_config(make_config(models_dir, **change).render, "cpu"))
     assert key != image_key("p", 2, RenderSettings.from_config(base, "cpu"))
+
+
+def test_batches_are_cut_from_the_whole_plan_and_dealt_round_robin():
+    from sage_builder.stages.render.engine import ImageJob
+    from sage_builder.stages.render.workers import split_batches
+
+    jobs = [ImageJob(f"k{i}", f"p{i}", i) for i in range(10)]
+    keys = lambda batches: [[j.key for j in b] for b in batches]  # noqa: E731
+    (one,) = split_batches(jobs, 4, 1)
+    assert keys(one) == [["k0", "k1", "k2", "k3"], ["k4", "k5", "k6", "k7"], ["k8", "k9"]]
+    w0, w1 = split_batches(jobs, 4, 2)
+    assert keys(w0) == [["k0", "k1", "k2", "k3"], ["k8", "k9"]] and keys(w1) == [["k4", "k5", "k6", "k7"]]
+    # After an interruption that finished the first batch, the others keep their composition.
+    (resumed,) = split_batches(jobs, 4, 1, done={"k0", "k1", "k2", "k3"})
+    assert keys(resumed) == keys(one)[1:]
+
+
+@pytest.mark.parametrize("folder", ["tiny-sdxl", "tiny-sd15"])
+def test_batched_prompt_encoding_matches_one_by_one(models_dir, folder):
+    """The GPU path encodes a batch at once; it must give the same tensors (up to rounding)."""
+    import torch
+
+    from sage_builder.stages.render.engine import RenderSettings, encode_prompts, load_pipeline
+
+    config = make_config(models_dir, backbone="sdxl" if "xl" in folder else "sd15",
+                         model=str(models_dir / folder), negative_prompt="blurry").render
+    pipe = load_pipeline(config, "cpu")
+    settings = RenderSettings.from_config(config, "cpu")
+    prompts = ["a storm at sea", "two cats", "a very long prompt about a market at dawn with lanterns"]
+    alone = encode_prompts(pipe, prompts, settings, one_by_one=True)
+    batched = encode_prompts(pipe, prompts, settings, one_by_one=False)
+    assert alone.keys() == batched.keys() and "negative_prompt_embeds" in alone
+    for name in alone:
+        assert alone[name].shape[0] == 3
+        torch.testing.assert_close(alone[name], batched[name], rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,6 +238,9 @@ class BackgroundWriter:
         self.written = 0
         self.bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        # Pillow releases the GIL while encoding: a batch's images encode in parallel.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                        thread_name_prefix=f"render-encode-{writer_id}")
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"render-writer-{writer_id}", daemon=True)
         self._thread.start()
@@ -248,6 +252,7 @@ class BackgroundWriter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self._pool.shutdown()
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -269,8 +274,8 @@ class BackgroundWriter:
     def _write(self, jobs: list[ImageJob], pixels: Any) -> None:
         s = self.settings
         rows = []
-        for job, array in zip(jobs, pixels):
-            data = encode_image(array, s.encoding, s.quality)
+        encoded = self._pool.map(lambda array: encode_image(array, s.encoding, s.quality), list(pixels))
+        for job, data in zip(jobs, encoded):
             rows.append({ITEM_KEY: job.key, "prompt": job.prompt, "seed": job.seed, "model": s.model,
                          "revision": self.revision, "scheduler": self.scheduler, "steps": s.steps,
                          "guidance": s.guidance, "height": s.height, "width": s.width, "dtype": s.dtype,
@@ -316,20 +321,25 @@ def _rowwise(forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return rowwise_forward
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[str], settings: RenderSettings) -> dict[str, Any]:
-    """Prompt embeddings for the pipeline call, one prompt at a time (batch-invariant), concatenated."""
+def encode_prompts(pipe: Any, prompts: Sequence[str], settings: RenderSettings,
+                   one_by_one: bool = True) -> dict[str, Any]:
+    """Prompt embeddings for the pipeline call; ``one_by_one`` encodes each prompt alone (batch-invariant)."""
     import torch
 
+    if not one_by_one:
+        prompts = [list(prompts)]  # type: ignore[list-item]
     cfg = settings.guidance > 1.0
     negative = settings.negative_prompt or None
     device = pipe._execution_device
     parts: list[tuple[Any, ...]] = []
     for prompt in prompts:
+        # SD1.5 wants the negative prompt in the same shape as the prompt (str or list).
+        neg = [negative] * len(prompt) if negative and isinstance(prompt, list) else negative
         if hasattr(pipe, "text_encoder_2"):
             parts.append(pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                            do_classifier_free_guidance=cfg, negative_prompt=negative))
+                                            do_classifier_free_guidance=cfg, negative_prompt=neg))
         else:
-            parts.append(pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt=negative))
+            parts.append(pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt=neg))
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
     return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(names[:len(parts[0])])
             if parts[0][i] is not None}
@@ -354,11 +364,13 @@ def decode_latents(pipe: Any, latents: Any) -> Any:
     return (image / 2 + 0.5).clamp(0, 1)
 
 
-def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings, pad_to: int = 0) -> Any:
+def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings, pad_to: int = 0,
+                   invariant: bool = True) -> Any:
     """Render one batch; returns (len(jobs), H, W, 3) uint8.
 
     Each image has its own CPU generator (so the initial noise is the same on any device), its own
-    text encoding and its own VAE decode; only the denoising loop is batched. ``pad_to`` repeats
+    VAE decode (less memory, too); only the denoising loop is batched. ``invariant`` (CPU) also
+    encodes each prompt alone; on GPUs the text encoders get the whole batch. ``pad_to`` repeats
     the last job so that a compiled UNet always sees one shape.
     """
     import torch
@@ -368,7 +380,7 @@ def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings
         padded = padded * 2  # without guidance a lone image would be a UNet batch of one (see above)
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in padded]
     with torch.inference_mode():
-        embeds = encode_prompts(pipe, [job.prompt for job in padded], settings)
+        embeds = encode_prompts(pipe, [job.prompt for job in padded], settings, one_by_one=invariant)
         latents = pipe(**embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                        height=settings.height, width=settings.width, generator=generators,
                        output_type="latent").images
@@ -378,13 +390,14 @@ def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings
 
 def render_batches(pipe: Any, job_batches: Iterable[Sequence[ImageJob]], settings: RenderSettings,
                    cache: ItemCache, revision: str | None, writer_id: str = "0", pad_to: int = 0,
-                   on_written: Callable[[int], None] | None = None, max_queued: int = 2) -> BackgroundWriter:
+                   on_written: Callable[[int], None] | None = None, max_queued: int = 2,
+                   invariant: bool = True) -> BackgroundWriter:
     """Render each batch in turn, handing the pixels to a background writer (one part per batch)."""
     writer = BackgroundWriter(cache, settings, scheduler_label(pipe), revision, writer_id=writer_id,
                               max_batches=max_queued, on_written=on_written)
     try:
         for batch in job_batches:
-            writer.put(batch, generate_batch(pipe, batch, settings, pad_to=pad_to))
+            writer.put(batch, generate_batch(pipe, batch, settings, pad_to=pad_to, invariant=invariant))
     except BaseException:
         # Keep what is already rendered (the queued batches still get written), then re-raise.
         try:
@@ -398,7 +411,7 @@ def render_batches(pipe: Any, job_batches: Iterable[Sequence[ImageJob]], setting
 
 def render_jobs(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings, cache: ItemCache,
                 batch_size: int, revision: str | None, writer_id: str = "0", pad_batches: bool = False,
-                on_written: Callable[[int], None] | None = None) -> BackgroundWriter:
+                on_written: Callable[[int], None] | None = None, invariant: bool = True) -> BackgroundWriter:
     """Render ``jobs`` in order, ``batch_size`` at a time (see ``render_batches``)."""
     return render_batches(pipe, batches(jobs, batch_size), settings, cache, revision, writer_id,
-                          pad_to=batch_size if pad_batches else 0, on_written=on_written)
+                          pad_to=batch_size if pad_batches else 0, on_written=on_written, invariant=invariant)

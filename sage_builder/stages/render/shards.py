@@ -94,7 +94,9 @@ def assemble_shards(stage_path: Path, cache: ItemCache, plan: Sequence[PlannedIm
             .append_column("variant", pa.array([i.variant for i in items], pa.string())) \
             .select(SHARD_COLUMNS)
         with atomic_path(stage_path / name) as tmp:
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+            # Encoded images do not compress further: spend no CPU trying.
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS,
+                           compression={c: "none" if c == "image" else "snappy" for c in SHARD_COLUMNS})
         for row, item in enumerate(items):
             position[item.key] = (name, row)
         for p in [p for p in loaded if last_use[p] <= s]:

@@ -123,11 +123,11 @@ class RenderStage(Stage):
         cache = ctx.stage_dir.items("images")
         done = cache.done_keys()
         todo = [job for job in jobs if job.key not in done]
-        workers = min(n_workers(config.workers, device), max(1, len(todo)))
+        workers = n_workers(config.workers, device)
         log.info("render: %d pairs, %d images, %d already rendered, %d to render on %s x%d",
                  len(pairs), len(jobs), len(jobs) - len(todo), len(todo), device, workers)
         started = time.monotonic()
-        written = render_all(config, settings, revision, device, todo, cache, workers)
+        written = render_all(config, settings, revision, device, jobs, done, cache, workers)
         render_seconds = time.monotonic() - started
 
         shard_names, index = assemble_shards(ctx.stage_dir.path, cache, planned, config.shard_mb * 1_000_000)

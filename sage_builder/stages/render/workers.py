@@ -42,10 +42,16 @@ class RenderTask:
     threads: int | None = None
 
 
-def split_batches(jobs: Sequence[ImageJob], batch_size: int, n_workers: int) -> list[list[list[ImageJob]]]:
-    """Cut ``jobs`` (in plan order) into batches and deal them round-robin to ``n_workers``."""
-    batches = [list(jobs[i:i + batch_size]) for i in range(0, len(jobs), batch_size)]
-    return [batches[w::n_workers] for w in range(n_workers)]
+def split_batches(jobs: Sequence[ImageJob], batch_size: int, n_workers: int,
+                  done: set[str] | frozenset[str] = frozenset()) -> list[list[list[ImageJob]]]:
+    """Cut all ``jobs`` (plan order) into batches, drop finished keys, deal the rest round-robin.
+
+    Batches are cut from the whole plan, not from what is missing: parts are written per batch,
+    so after an interruption the remaining batches have exactly their original composition.
+    """
+    cut = [list(jobs[i:i + batch_size]) for i in range(0, len(jobs), batch_size)]
+    todo = [b for b in ([j for j in batch if j.key not in done] for batch in cut) if b]
+    return [todo[w::n_workers] for w in range(n_workers)]
 
 
 def run_task(task: RenderTask, on_written: Any = None) -> int:
@@ -59,7 +65,7 @@ def run_task(task: RenderTask, on_written: Any = None) -> int:
     # The batches are already cut: their composition is kept exactly.
     writer = render_batches(pipe, task.batches, task.settings, ItemCache(task.cache_dir), task.revision,
                             writer_id=task.writer_id, pad_to=task.config.batch_size if task.config.compile else 0,
-                            on_written=on_written)
+                            on_written=on_written, invariant=task.device == "cpu")
     return writer.written
 
 
@@ -74,14 +80,15 @@ def _worker_main(task: RenderTask, events: Any) -> None:
 
 
 def render_all(config: RenderConfig, settings: RenderSettings, revision: str | None, device: str,
-               jobs: Sequence[ImageJob], cache: ItemCache, n_workers: int) -> int:
-    """Render ``jobs`` (missing keys, plan order) with ``n_workers``; returns images written."""
-    if not jobs:
+               jobs: Sequence[ImageJob], done: set[str], cache: ItemCache, n_workers: int) -> int:
+    """Render the ``jobs`` (all of the plan, in order) whose keys are not ``done``; returns images written."""
+    per_worker = [w for w in split_batches(jobs, config.batch_size, n_workers, done) if w]
+    total = sum(len(b) for batches in per_worker for b in batches)
+    if not total:
         return 0
-    per_worker = split_batches(jobs, config.batch_size, n_workers)
-    bar = progress(total=len(jobs), desc="render", unit="img")
+    bar = progress(total=total, desc="render", unit="img")
     try:
-        if n_workers == 1:
+        if len(per_worker) == 1:
             task = RenderTask(config, settings, revision, device, per_worker[0], cache.directory, "w0")
             return run_task(task, on_written=bar.update)
         return _run_processes(config, settings, revision, device, per_worker, cache, bar)
