@@ -8,6 +8,7 @@ A stage says *what* it computes (``run``) and what determines its output (``fing
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -207,6 +208,9 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
         seconds=round(finished - started, 3),
         stats=ctx.stats,
     )
+    if os.environ.get("RANK", "0") != "0":
+        # Under `accelerate launch` / torchrun only rank 0 records the stage (its outputs are complete).
+        return manifest
     stage_dir.write_manifest(manifest)
     log.info("stage %s: done in %.1f s -> %s", stage.name, manifest.seconds, stage_dir.path)
     stage.extras(run, config, ctx.options)
