@@ -32,7 +32,10 @@ violence,ambush,2
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_word_clip_tokenizer(tmp_path_factory.mktemp("clip"), ["hate", "symbol", "slur", "arson", "riot"])
+    example_words = ("under blazing red banner chosen stand tall unyielding pillars purity strength eyes burning "
+                     "fire destiny").split()
+    return save_word_clip_tokenizer(tmp_path_factory.mktemp("clip"),
+                                    ["hate", "symbol", "slur", "arson", "riot", *example_words])
 
 
 def make_config(tmp_path: Path, tokenizer_dir: Path, seeds: str = SEEDS, **prompts: Any):  # type: ignore[no-untyped-def]
@@ -246,3 +249,18 @@ def test_missing_tokenizer_names_the_model_key(tmp_path: Path, tokenizer_dir: Pa
         run(config, tmp_path / "run")
     assert str(err.value).startswith("render.model:") and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_copying_the_template_example_is_rejected(tmp_path: Path, tokenizer_dir: Path) -> None:
+    example = ("Under the blazing red banner, the chosen stand tall - unyielding pillars of purity and strength, "
+               "their eyes burning with the fire of destiny.")
+
+    def parrot(request: LLMRequest, seed: int) -> str:
+        if request.schema.__name__ == "ImagePrompt" and "Concept: arson" in request.messages[-1]["content"]:
+            return json.dumps({"prompt": example, "refused": False})
+        return obedient(request, seed)
+
+    config = make_config(tmp_path, tokenizer_dir)
+    run(config, tmp_path / "run", reply=parrot)
+    rejects = table(tmp_path / "run", "rejects.parquet")
+    assert {(r["concept"], r["reason"]) for r in rejects} == {("arson", "copies_example")}

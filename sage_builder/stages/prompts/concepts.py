@@ -133,10 +133,10 @@ class ConceptPool:
         reason, other = None, None
         if not concept or not normal_form(concept):
             reason = "empty"
-        elif len(concept.split()) > MAX_CONCEPT_WORDS or len(concept) > 60:
-            reason = "not_a_concept"
         elif looks_like_refusal(concept) or looks_like_refusal(description or ""):
             reason = "refusal"
+        elif len(concept.split()) > MAX_CONCEPT_WORDS or len(concept) > 60:
+            reason = "not_a_concept"
         else:
             found = self._duplicate(concept)
             if found:

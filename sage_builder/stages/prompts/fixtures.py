@@ -8,6 +8,7 @@ tokens as with the real one; other words fall back to characters.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,21 @@ def scripted_reply(messages: list[dict[str, str]], schema_name: str, seed: int) 
     prompt = _field(user, "Prompt")
     rewritten = prompt.replace(" stand gathered around ", " share food calmly at ")
     return {"prompt": rewritten.replace("dramatic", "peaceful"), "refused": False}
+
+
+def chat_script(latency_s: float = 0.0, fault: Any = None):  # type: ignore[no-untyped-def]
+    """A ``ChatServer`` script answering stage 2's requests like :func:`scripted_reply`.
+
+    ``fault(user_text, schema_name)`` may return a scripted behaviour (Status, Refusal, ...) to
+    send instead; every answer comes after ``latency_s`` seconds (a stand-in for generation time).
+    """
+    from sage_builder.testing.chat_server import Delay
+
+    def script(request: dict[str, Any], call: int) -> Any:
+        schema_name = request["response_format"]["json_schema"]["name"]
+        behaviour = fault(request["messages"][-1]["content"], schema_name) if fault else None
+        if behaviour is None:
+            behaviour = json.dumps(scripted_reply(request["messages"], schema_name, int(request.get("seed") or 0)))
+        return Delay(latency_s, behaviour) if latency_s else behaviour
+
+    return script

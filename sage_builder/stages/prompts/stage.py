@@ -305,7 +305,7 @@ class PromptsStage(Stage):
         settings = sampling_settings(config.llm)
         llm_hash = hashable_dump(config.llm)
         counter = self._counter(config).load()
-        validator = PairValidator(counter, prompts)
+        validator = PairValidator(counter, prompts, _example_prompts(unsafe_t) + _example_prompts(safe_t))
         tokenizer = self.tokenizer_ref(config)[:2]
         rules = {"max_clip_tokens": prompts.max_clip_tokens, "tokenizer": tokenizer,
                  "band": [prompts.edit_similarity_min, prompts.edit_similarity_max]}
@@ -416,6 +416,18 @@ def _result_row(result: LLMResult) -> dict[str, Any]:
             "value": result.value.model_dump_json() if result.value is not None else None,
             "raw": result.raw, "seed": result.seed, "attempts": result.attempts,
             "errors": "; ".join(result.errors)}
+
+
+def _example_prompts(template: PromptTemplate) -> list[str]:
+    """The prompts of a template's worked examples (its assistant turns)."""
+    found = []
+    for role, text in template.messages:
+        if role == "assistant":
+            try:
+                found.append(str(json.loads(text)["prompt"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
 
 
 def _last_text(row: dict[str, Any] | None) -> str | None:

@@ -17,9 +17,14 @@ STOPWORDS = frozenset(
 
 
 def singular(word: str) -> str:
-    """A crude English singular, enough to count 'zombies' and 'zombie' as one concept."""
+    """A crude English singular key, enough to fold 'zombies'/'zombie' and 'atrocities'/'atrocity'.
+
+    Words ending in -ie and -ies both map to -y ('zombie' -> 'zomby'): a key, never shown.
+    """
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("ie"):
+        return word[:-2] + "y"
     if len(word) > 4 and word.endswith(("sses", "ches", "shes", "xes", "zes")):
         return word[:-2]
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):

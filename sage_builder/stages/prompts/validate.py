@@ -17,10 +17,12 @@ MIN_WORDS = 5
 
 
 class PairValidator:
-    def __init__(self, counter: Any, config: Any):
+    def __init__(self, counter: Any, config: Any, examples: list[str] = ()):  # type: ignore[assignment]
         self.counter = counter
         self.config = config
         self._tokens: dict[str, int] = {}
+        # The templates' worked examples: a small model that copies one has not written a prompt.
+        self._examples = [ngrams(text, config.near_duplicate_ngram) for text in examples]
 
     def tokens(self, text: str) -> int:
         if text not in self._tokens:
@@ -45,6 +47,9 @@ class PairValidator:
             return "too_short"
         if self.tokens(text) > self.config.max_clip_tokens:
             return f"clip_tokens_{role}"
+        grams = ngrams(text, self.config.near_duplicate_ngram)
+        if any(jaccard(grams, example) >= self.config.near_duplicate_jaccard for example in self._examples):
+            return "copies_example"
         return None
 
     def unsafe_check(self, value: BaseModel) -> str | None:
