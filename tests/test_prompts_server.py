@@ -47,6 +47,7 @@ def config(tmp_path: Path):  # type: ignore[no-untyped-def]
                     "pairs_per_concept": 2, "max_pair_attempts": 2}})
 
 
+@pytest.mark.slow
 def test_server_faults_and_refusals_become_rejects_with_reasons(tmp_path: Path, config) -> None:  # type: ignore[no-untyped-def]
     with ChatServer(script=chat_script(fault=fault)) as server:
         config.llm.base_url = server.base_url
