@@ -77,3 +77,20 @@ def test_published_seeds_survive_the_dedupe_and_ids_are_stable() -> None:
         assert pool.dropped == [], category
     assert concept_id("Hate", "Troll Farms") == concept_id("hate", "troll farm")
     assert concept_id("Hate", "troll farm") != concept_id("Propaganda", "troll farm")
+
+
+def test_clip_tokenizer_is_rebuilt_from_a_bpe_merges_file(tmp_path: Path) -> None:
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    from sage_builder.stages.prompts.clip_vocab import save_clip_tokenizer
+
+    bpe = tmp_path / "bpe.txt.gz"
+    bpe.write_bytes(gzip.compress("#version: 0.2\nr e\nre d</w>\nb a\nba n\nban n\nbann e\nbanne r</w>\n".encode()))
+    out = save_clip_tokenizer(tmp_path / "clip", bpe)
+    for sub in ("tokenizer", "tokenizer_2"):
+        tokenizer = CLIPTokenizer.from_pretrained(out, subfolder=sub, local_files_only=True)
+        assert tokenizer.tokenize("Red BANNER") == ["red</w>", "banner</w>"]
+        ids = tokenizer("red banner")["input_ids"]
+        assert len(ids) == 4 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id

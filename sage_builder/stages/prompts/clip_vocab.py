@@ -59,7 +59,7 @@ def save_clip_tokenizer(out: Path, bpe: Path | None = None) -> Path:
     out = Path(out)
     bpe = bpe or fetch_bpe(out / "_bpe")
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1] if len(line.split()) == 2]
     alphabet = _bytes_to_unicode()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
