@@ -337,3 +337,22 @@ def test_stage_end_to_end_with_smollm2(tmp_path, smollm2_dir):
     report = json.loads((tmp_path / "profiles" / "report.json").read_text())
     assert report["llm"]["backend"] == "transformers" and report["llm"]["temperature"] == 0.7
     assert len(report["rule_agreement"]["rules"]) == 4
+
+
+@pytest.mark.slow
+def test_stage_at_1000_users_with_rules(tmp_path, tiny_llama):
+    """The published scale: 1,000 psalign users + the permissive one, split 900/50/50 + 50 seen."""
+    config = make_config(tiny_llama, n_users=1000, tsne_perplexity=30, embedding_batch_size=64)
+    run_stage(profiles_stage.STAGE, config, RunDir(tmp_path))
+    data = read(tmp_path)
+    assert len(data["user_id"]) == 1001 and data["user_id"][-1] == "0001001"
+    assert [data["split"].count(s) for s in ("train", "val", "test_unseen", "reference")] == [900, 50, 50, 1]
+    assert sum(data["test_seen"]) == 50
+    assert sorted(lvl for lvl in data["level"] if lvl is not None) == [0, 1, 2, 3, 4, 5]
+    report = json.loads((tmp_path / "profiles" / "report.json").read_text())
+    shares = {g: round(100 * v["share"], 1) for g, v in report["age_groups"].items()}
+    assert shares == {"infants & toddlers": 1.1, "children": 14.3, "adolescents": 22.5, "young adults": 21.6,
+                      "middle-aged": 23.2, "young elderly": 12.7, "elderly": 3.9, "long-lived elderly": 0.8}
+    rules = report["rule_agreement"]["rules"]
+    assert rules[0]["applicable"] == 725 and rules[3]["applicable"] == 40
+    assert report["bans"]["ban_nothing"] == 40  # the rules labeller bans nothing for exactly those 40
