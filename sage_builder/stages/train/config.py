@@ -73,5 +73,7 @@ class TrainConfig(StrictModel):
     cache_text: bool = execution(True, description="encode each distinct caption once (false: every step)")
     log_every: int = execution(10, ge=1)
     device: str = execution("auto", description="cpu, cuda or auto (under `accelerate launch`: per process)")
+    cpu_threads: int | None = execution(None, ge=1, description="torch threads when training on CPU (null: "
+                                        "torch's default; 1 is much faster on a machine shared with other jobs)")
     embedding_model: OptionalModelRef = execution(
         None, description="`sage generate --profile`: the stage-1 LLM that embeds a new profile")

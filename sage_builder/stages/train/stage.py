@@ -82,6 +82,7 @@ class TrainStage(Stage):
             if not result.finished:
                 raise SageError(f"train: stopped at step {result.step} of {cfg.max_steps} (train.stop_at_step); "
                                 f"run the stage again without it to continue from {trainer.checkpoint_dir}")
+            log.info("train: %d steps done; evaluating and saving", result.step)
             evaluation: dict[str, Any] = {"records": 0}
             if cfg.eval_split and data.splits[cfg.eval_split]:
                 held_out = data.splits[cfg.eval_split]
@@ -102,6 +103,7 @@ class TrainStage(Stage):
                 {"split": cfg.eval_split, **summary, "z": evaluation.get("z", [])}, indent=2))
             ctx.add_output("eval.json")
             if cfg.grid.enabled:
+                log.info("train: rendering the levels x prompts grid")
                 self._grid(ctx, trainer, data, source, render_grid, users_from_dataset)
             last = result.metrics[-1] if result.metrics else {}
             ctx.stats.update({

@@ -217,6 +217,8 @@ class AdapterTrainer:
         self.work_dir = Path(work_dir)
         self.fingerprint = fingerprint
         device = resolve_device(config.device)
+        if device == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         precision = config.mixed_precision if device != "cpu" else "no"
         self.accelerator = Accelerator(
             cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=config.gradient_accumulation,
