@@ -185,6 +185,8 @@ class PromptsStage(Stage):
         atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False) + "\n")
         ctx.add_output("quality.json")
         ctx.stats.update(report["summary"])
+        ctx.stats["concepts_per_category"] = report["concepts"]["per_category"]
+        ctx.stats["rejects_by_reason"] = report["rejects_by_reason"]
 
     @staticmethod
     def _pair_schema() -> pa.Schema:
