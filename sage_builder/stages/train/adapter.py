@@ -281,7 +281,6 @@ class UserAdapter(nn.Module):
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "sage_adapter": str(FORMAT_VERSION)})
         config = asdict(self.config)
-        config["scale"] = self.config.scale
         if training:
             config["training"] = {**config.get("training", {}), **training}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))

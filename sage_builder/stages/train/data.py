@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sage_builder.errors import SageError, StageInputError
+from sage_builder.errors import StageInputError
 
 log = logging.getLogger("sage.train")
 PREPROCESS_VERSION = "resize-short-side-lanczos/center-to-8/mean/v1"
