@@ -2,9 +2,9 @@
 
 What an image *is* is decided here: its seed comes from the pair (both images of a pair share it),
 its key is the hash of prompt, seed and render settings, and each image gets its own CPU
-``torch.Generator`` so that its pixels do not depend on which batch it lands in, on the batch
-size, or on the device that draws the initial noise. Encoding and writing run on a background
-thread with a bounded queue, so the accelerator never waits for JPEG or disk.
+``torch.Generator`` so that its initial noise does not depend on its batch or device. On CPU the
+pixels are batch-invariant too (``make_batch_invariant``). Encoding and writing run on a
+background writer with a bounded queue, so the accelerator never waits for JPEG or disk.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import logging
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,6 @@ def pair_seed(global_seed: int, pair_id: str) -> int:
 
 def image_key(prompt: str, seed: int, settings: RenderSettings) -> str:
     return stable_hash("render-image", prompt, seed, asdict(settings), length=32)
-
-
-def worker_of(key: str, n_workers: int) -> int:
-    """Which worker renders a key: a pure function of the key, so partitions are disjoint and stable."""
-    return int(key[:8], 16) % n_workers
 
 
 def resolve_device(device: str) -> str:
