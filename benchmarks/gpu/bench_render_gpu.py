@@ -251,6 +251,8 @@ def main() -> int:
                 skipped.append(f"eager batch {batch} (time box: {left:.0f} s left, needs ~{need:.0f})")
                 log("skip " + skipped[-1])
                 continue
+            if cuda and compiled_unet is not None:
+                eager_unet.to(memory_format=torch.contiguous_format)  # eager rows alike: NCHW
             pipe.unet = eager_unet
         measure(mode, batch, mode == "compile")
         if mode == "eager" and per_image_guess is None:
