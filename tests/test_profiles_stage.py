@@ -4,7 +4,6 @@ bad input. Embeddings come from a tiny random Llama (SmolLM2's tokenizer, 2 laye
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 
 from sage_builder.cli import app
 from sage_builder.config import config_from_dict
-from sage_builder.errors import ConfigError, SageError, StageInputError
+from sage_builder.errors import ConfigError, SageError
 from sage_builder.llm.base import TransportFailure
 from sage_builder.llm.scripted import ScriptedBackend
 from sage_builder.stages.base import run_stage
