@@ -264,3 +264,10 @@ def test_copying_the_template_example_is_rejected(tmp_path: Path, tokenizer_dir:
     run(config, tmp_path / "run", reply=parrot)
     rejects = table(tmp_path / "run", "rejects.parquet")
     assert {(r["concept"], r["reason"]) for r in rejects} == {("arson", "copies_example")}
+
+
+def test_changing_n_asks_again_since_the_prompt_shows_it(tmp_path: Path, tokenizer_dir: Path) -> None:
+    run(make_config(tmp_path, tokenizer_dir, pairs_per_concept=2), tmp_path / "run")
+    _, again = run(make_config(tmp_path, tokenizer_dir, pairs_per_concept=3), tmp_path / "run")
+    asked = [key for key, _ in again.calls]
+    assert len(asked) == 6 * 3 * 2  # every p_h and p_s again ("Variation: i of 3"), no description again

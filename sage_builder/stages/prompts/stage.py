@@ -327,7 +327,8 @@ class PromptsStage(Stage):
         pending = list(slots)
         while pending:
             round_no = max(attempt[s.pair_id] for s in pending)
-            unsafe_keys = {s.pair_id: stable_hash("unsafe", s.pair_id, s.concept["description"],
+            # Everything the p_h request's text and check depend on: the template shows idx "of n".
+            unsafe_keys = {s.pair_id: stable_hash("unsafe", s.pair_id, s.concept["description"], n,
                                                   attempt[s.pair_id], rules, llm_hash) for s in pending}
             unsafe_requests = [
                 LLMRequest(unsafe_keys[s.pair_id],
