@@ -58,6 +58,8 @@ class RenderConfig(StrictModel):
     device: str = execution("auto", description="auto (CUDA if available), cpu, cuda")
     workers: int | None = execution(None, ge=1, description="worker processes; default one per visible GPU "
                                     "(1 on CPU); each takes a disjoint set of image keys")
+    threads: int | None = execution(None, ge=1, description="CPU: torch threads per worker (default: torch's "
+                                    "choice; on a shared machine, at most the idle cores)")
     compile: bool = execution(False, description="torch.compile the UNet (pays off on long GPU runs)")
     seconds_per_image: float | None = execution(
         None, gt=0, description="for `sage plan`; default 2.5 s (SDXL 1024 px 30 steps, A100) scaled by "

@@ -57,8 +57,16 @@ def split_batches(jobs: Sequence[ImageJob], batch_size: int, n_workers: int,
 def run_task(task: RenderTask, on_written: Any = None) -> int:
     import torch
 
+    previous = torch.get_num_threads()
     if task.threads:
         torch.set_num_threads(task.threads)
+    try:
+        return _render_task(task, on_written)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _render_task(task: RenderTask, on_written: Any) -> int:
     pipe = load_pipeline(task.config, task.device, compile_unet=task.config.compile)
     if task.device == "cpu":
         make_batch_invariant(pipe)
@@ -89,7 +97,8 @@ def render_all(config: RenderConfig, settings: RenderSettings, revision: str | N
     bar = progress(total=total, desc="render", unit="img")
     try:
         if len(per_worker) == 1:
-            task = RenderTask(config, settings, revision, device, per_worker[0], cache.directory, "w0")
+            task = RenderTask(config, settings, revision, device, per_worker[0], cache.directory, "w0",
+                              config.threads)
             return run_task(task, on_written=bar.update)
         return _run_processes(config, settings, revision, device, per_worker, cache, bar)
     finally:
@@ -103,7 +112,7 @@ def _run_processes(config: RenderConfig, settings: RenderSettings, revision: str
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     n = len(per_worker)
-    threads = max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None
+    threads = config.threads or (max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None)
     procs = []
     for rank, batches in enumerate(per_worker):
         worker_device = f"cuda:{rank}" if device.startswith("cuda") else device
