@@ -57,6 +57,7 @@ def clean_run(tmp_path_factory, models_dir):
     return run, manifest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,folder", [("sdxl", "tiny-sdxl"), ("sd15", "tiny-sd15")])
 def test_pair_alone_matches_pair_inside_batch_of_4(models_dir, backbone, folder):
     import numpy as np
