@@ -355,3 +355,10 @@ def test_stage_at_1000_users_with_rules(tmp_path, tiny_llama):
     rules = report["rule_agreement"]["rules"]
     assert rules[0]["applicable"] == 725 and rules[3]["applicable"] == 40
     assert report["bans"]["ban_nothing"] == 40  # the rules labeller bans nothing for exactly those 40
+
+
+def test_plan_counts_users_and_llm_calls(tiny_llama):
+    plan = profiles_stage.STAGE.plan(make_config(tiny_llama, labeller="llm", n_users=1000))
+    assert (plan.items, plan.unit, plan.llm_calls) == (1001, "users", 1000)
+    assert "up to 2000 LLM calls" in plan.notes[1]
+    assert profiles_stage.STAGE.plan(make_config(tiny_llama)).llm_calls is None
