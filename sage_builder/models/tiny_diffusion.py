@@ -14,25 +14,13 @@ from typing import Any
 TINY_RESOLUTION = 64
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes (what byte-level BPE vocabularies use)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def _char_tokenizer() -> Any:
     """A character-level CLIP tokenizer: the byte-level alphabet, each also as a word end."""
     from transformers import CLIPTokenizer
 
-    alphabet = _byte_alphabet()
+    from sage_builder.models.clip_tokenizer import byte_alphabet
+
+    alphabet = byte_alphabet()
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in alphabet:
         vocab.setdefault(char, len(vocab))

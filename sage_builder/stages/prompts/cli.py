@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
                                                                   "(default: from the open_clip wheel on PyPI)")
                        ) -> None:
         """Build the real CLIP tokenizer offline, for prompts.clip_tokenizer (token counts of stage 2)."""
-        from sage_builder.stages.prompts.clip_vocab import save_clip_tokenizer
+        from sage_builder.models.clip_tokenizer import save_clip_tokenizer
 
         typer.echo(str(save_clip_tokenizer(out, bpe)))
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sage_builder.models.clip_tokenizer import byte_alphabet
 from sage_builder.stages.prompts.text import content_words
 
 SCENE_WORDS = ("crowded harbor market quiet chapel neon alley rainy square misty forest old factory rooftop "
@@ -28,24 +29,12 @@ FILLER = ("a an the in at of with under beneath near by on and their faces lit f
           "dramatic scene style rendered as picnic sharing food conversation peaceful").split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def save_word_clip_tokenizer(root: Path, vocabulary: Iterable[str] = ()) -> Path:
     """Write ``root/tokenizer`` and ``root/tokenizer_2`` (a diffusers-style model folder); return root."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
-    for char in _bytes_to_unicode().values():
+    for char in byte_alphabet():
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []

@@ -22,7 +22,8 @@ OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 
-def _bytes_to_unicode() -> list[str]:
+def byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 bytes, in CLIP's vocabulary order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -60,7 +61,7 @@ def save_clip_tokenizer(out: Path, bpe: Path | None = None) -> Path:
     bpe = bpe or fetch_bpe(out / "_bpe")
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1] if len(line.split()) == 2]
-    alphabet = _bytes_to_unicode()
+    alphabet = byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
