@@ -110,7 +110,6 @@ class LLMConfig(StrictModel):
     tensor_parallel_size: int = execution(1, ge=1)
     gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0)
     max_model_len: int | None = execution(None, ge=64)
-    replicas: int = execution(1, ge=1, description="executor=ray: engine replicas")
 
 
 # Imported late: the stage sections use StrictModel, execution and the path types above.
@@ -126,7 +125,8 @@ class PipelineConfig(StrictModel):
     name: str = Field(description="a short name for the run configuration")
     seed: int = Field(2025, description="global seed; every per-item seed derives from it and the item's key")
     categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES), min_length=1)
-    executor: Literal["local", "ray"] = execution("local")
+    executor: Literal["local"] = execution("local", description="where stages run; only in-process "
+                                           "(local) exists so far")
     llm: LLMConfig
     profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)

@@ -39,45 +39,6 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - START:6.1f}s] {msg}", flush=True)
 
 
-def build_full_sdxl(device: str, dtype):
-    """StableDiffusionXLPipeline with the SDXL base 1.0 architecture and random weights, built on ``device``."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sage_builder.models.tiny_diffusion import _char_tokenizer
-
-    tokenizer, tokenizer_2 = _char_tokenizer(), _char_tokenizer()
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816, use_linear_projection=True, norm_num_groups=32,
-        ).to(dtype)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
-        ).to(dtype)
-        common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                                    num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu",
-                                                    **common)).to(dtype)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-            projection_dim=1280, hidden_act="gelu", **common)).to(dtype)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     add_watermarker=False)
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -128,12 +89,12 @@ def main() -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.tiny:
-        from sage_builder.models.tiny_diffusion import build_tiny_sdxl_pipeline
+    from sage_builder.models.tiny_diffusion import build_random_sdxl_base, build_tiny_sdxl_pipeline
 
+    if args.tiny:
         pipe = build_tiny_sdxl_pipeline().to(dtype)
     else:
-        pipe = build_full_sdxl(args.device, dtype)
+        pipe = build_random_sdxl_base(args.device, dtype)
     pipe = prepare_pipeline(pipe, "default", args.device)
     n_params = sum(p.numel() for p in pipe.unet.parameters()) / 1e9
     log(f"pipeline built: UNet {n_params:.2f} B params, attention {type(next(iter(pipe.unet.attn_processors.values()))).__name__}")

@@ -39,44 +39,6 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - START:6.1f}s] {msg}", flush=True)
 
 
-def build_full_sdxl(device: str, dtype):
-    """StableDiffusionXLPipeline with the SDXL base 1.0 architecture and random weights, built on ``device``."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sage_builder.models.tiny_diffusion import _char_tokenizer
-
-    tokenizer, tokenizer_2 = _char_tokenizer(), _char_tokenizer()
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816, use_linear_projection=True, norm_num_groups=32,
-        ).to(dtype)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-        common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                                    num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu",
-                                                    **common)).to(dtype)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-            projection_dim=1280, hidden_act="gelu", **common)).to(dtype)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     add_watermarker=False)
-
-
 def synthetic_data(n_pairs: int, size: int, embedding_dim: int):
     """PreferenceData in memory (no `datasets` needed): random JPEG pairs, two users, one caption each."""
     import numpy as np
@@ -171,12 +133,14 @@ def main() -> None:
     else:
         torch.set_num_threads(1)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    if args.tiny:
-        from sage_builder.models.tiny_diffusion import build_tiny_sdxl_pipeline
+    from sage_builder.models.tiny_diffusion import build_random_sdxl_base, build_tiny_sdxl_pipeline
 
+    if args.tiny:
         pipeline, model_id = build_tiny_sdxl_pipeline(), "tiny-sdxl (random)"
     else:
-        pipeline, model_id = build_full_sdxl(args.device, dtype), "sdxl-base-1.0 architecture (random)"
+        # The VAE stays float32: the trainer encodes images with it (SDXL's VAE needs force_upcast).
+        pipeline = build_random_sdxl_base(args.device, dtype, vae_dtype=torch.float32)
+        model_id = "sdxl-base-1.0 architecture (random)"
     pipeline.set_progress_bar_config(disable=True)
     log(f"built {model_id}: UNet {sum(p.numel() for p in pipeline.unet.parameters()) / 1e9:.2f} B params")
     data = synthetic_data(n_pairs=4, size=args.size, embedding_dim=args.embedding_dim)
