@@ -113,7 +113,13 @@ def status(
     if not run.root.exists():
         raise ConfigError(f"{run_dir}: no such run directory (start one with `sage run --run-dir {run_dir}`)")
     saved = run.root / "config.yaml"
-    config = load_config(config_path) if config_path else (load_config(saved) if saved.exists() else None)
+    config = load_config(config_path) if config_path else None
+    if config is None and saved.exists():
+        try:
+            config = load_config(saved)
+        except ConfigError as exc:
+            # A run saved by another version must still be describable; staleness is then unknown.
+            typer.echo(f"warning: {exc}; not checking for config changes (pass --config)", err=True)
     rows = _status_rows(run, config)
     if as_json:
         typer.echo(json.dumps({"run_dir": str(run.root.resolve()), "stages": rows}, indent=2, default=str))
