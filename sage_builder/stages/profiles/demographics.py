@@ -11,6 +11,7 @@ and the two samplers that draw from them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -262,10 +263,9 @@ def _draws_allowed(n: int) -> int:
     return 1000 * n + 100_000
 
 
-def sample_psalign(spec: DemographicsSpec, n: int, seed: int) -> list[Demographics]:
-    """The authors' procedure and stream (legacy MT19937 via RandomState, as ``np.random.seed``)."""
-    rng = np.random.RandomState(seed)
-    group_p = [g.p for g in spec.age_groups]
+def _rejection_sample(spec: DemographicsSpec, n: int, draw_group: Callable[[], int],
+                      draw_age: Callable[[int, int], int], draw_value: Callable[[Any], str]) -> list[Demographics]:
+    """Draw group, age, then each attribute in order; discard a record that breaks a realism rule."""
     users: list[Demographics] = []
     draws = 0
     while len(users) < n:
@@ -273,18 +273,26 @@ def sample_psalign(spec: DemographicsSpec, n: int, seed: int) -> list[Demographi
         if draws > _draws_allowed(n):
             raise SamplingError(f"{spec.source}: realism rules rejected {draws - 1} records for {len(users)} "
                                 f"accepted; they exclude almost every draw")
-        group = spec.age_groups[int(rng.choice(len(spec.age_groups), p=group_p))]
-        age = int(rng.randint(group.low, group.high + 1))
-        drawn = {}
-        for name in DRAWN_ATTRIBUTES:
-            attr = spec.attributes[name]
-            # choice without p draws differently from choice with uniform p: keep the authors' call.
-            value = rng.choice(attr.values) if attr.p is None else rng.choice(attr.values, p=attr.p)
-            drawn[name] = str(value)
+        group = spec.age_groups[draw_group()]
+        age = draw_age(group.low, group.high)
+        drawn = {name: draw_value(spec.attributes[name]) for name in DRAWN_ATTRIBUTES}
         user = Demographics(age=age, age_group=group.name, **drawn)
         if spec.is_realistic(user):
             users.append(user)
     return users
+
+
+def sample_psalign(spec: DemographicsSpec, n: int, seed: int) -> list[Demographics]:
+    """The authors' procedure and stream (legacy MT19937 via RandomState, as ``np.random.seed``)."""
+    rng = np.random.RandomState(seed)
+    group_p = [g.p for g in spec.age_groups]
+
+    def value(attr: Any) -> str:
+        # choice without p draws differently from choice with uniform p: keep the authors' call.
+        return str(rng.choice(attr.values) if attr.p is None else rng.choice(attr.values, p=attr.p))
+
+    return _rejection_sample(spec, n, lambda: int(rng.choice(len(spec.age_groups), p=group_p)),
+                             lambda low, high: int(rng.randint(low, high + 1)), value)
 
 
 def sample_config(spec: DemographicsSpec, n: int, seed: int) -> list[Demographics]:
@@ -292,24 +300,13 @@ def sample_config(spec: DemographicsSpec, n: int, seed: int) -> list[Demographic
     rng = np.random.default_rng(seed)
     group_p = np.asarray([g.p for g in spec.age_groups], dtype=float)
     group_p = group_p / group_p.sum()
-    users: list[Demographics] = []
-    draws = 0
-    while len(users) < n:
-        draws += 1
-        if draws > _draws_allowed(n):
-            raise SamplingError(f"{spec.source}: realism rules rejected {draws - 1} records for {len(users)} "
-                                f"accepted; they exclude almost every draw")
-        group = spec.age_groups[int(rng.choice(len(spec.age_groups), p=group_p))]
-        age = int(rng.integers(group.low, group.high, endpoint=True))
-        drawn = {}
-        for name in DRAWN_ATTRIBUTES:
-            attr = spec.attributes[name]
-            p = None if attr.p is None else np.asarray(attr.p, dtype=float) / sum(attr.p)
-            drawn[name] = str(attr.values[int(rng.choice(len(attr.values), p=p))])
-        user = Demographics(age=age, age_group=group.name, **drawn)
-        if spec.is_realistic(user):
-            users.append(user)
-    return users
+
+    def value(attr: Any) -> str:
+        p = None if attr.p is None else np.asarray(attr.p, dtype=float) / sum(attr.p)
+        return str(attr.values[int(rng.choice(len(attr.values), p=p))])
+
+    return _rejection_sample(spec, n, lambda: int(rng.choice(len(spec.age_groups), p=group_p)),
+                             lambda low, high: int(rng.integers(low, high, endpoint=True)), value)
 
 
 SAMPLERS = {"psalign": sample_psalign, "config": sample_config}
