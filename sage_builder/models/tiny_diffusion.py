@@ -58,22 +58,29 @@ def _scheduler() -> Any:
                                   steps_offset=1, timestep_spacing="leading")
 
 
-def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
-    """A StableDiffusionXLPipeline with ~2 M random parameters (deterministic for a seed)."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def _tiny_unet(**extra: Any) -> Any:
+    """The two-block UNet of diffusers' own tests; ``extra`` adds the backbone's conditioning."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2,
         in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32,
+        attention_head_dim=(2, 4), norm_num_groups=32, **extra,
     )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
+    """A StableDiffusionXLPipeline with ~2 M random parameters (deterministic for a seed)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet(use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                      cross_attention_dim=64)
     torch.manual_seed(seed + 1)
     vae = _vae()
     tokenizer = _char_tokenizer()
@@ -91,17 +98,11 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
 def build_tiny_sd15_pipeline(seed: int = 0) -> Any:
     """A StableDiffusionPipeline (SD1.5 layout) with random weights and no safety checker."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2,
-        in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=(2, 4),
-    )
+    unet = _tiny_unet(cross_attention_dim=32)
     torch.manual_seed(seed + 1)
     vae = _vae()
     tokenizer = _char_tokenizer()
