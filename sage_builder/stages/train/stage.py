@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
 
 log = logging.getLogger("sage.train")
-# Rough H100 bf16 figure for one SDXL DPO micro-batch of 2 pairs at 1024 px (policy + reference);
-# replaced by the measured one once benchmarks/gpu/bench_train_gpu.py has run (see BENCHMARKS.md).
-SDXL_SECONDS_PER_MICRO_BATCH = 1.0
+# One SDXL DPO micro-batch of 2 pairs at 1024 px (policy + reference passes, cached latents, bf16),
+# measured by benchmarks/gpu/bench_train_gpu.py on an H200: 0.368 s (BENCHMARKS.md).
+SDXL_SECONDS_PER_MICRO_BATCH = 0.37
 
 
 def dataset_source(config: PipelineConfig, run: RunDir) -> str:
@@ -57,12 +57,12 @@ class TrainStage(Stage):
     def plan(self, config: PipelineConfig) -> StagePlan:
         cfg = config.train
         micro = cfg.max_steps * cfg.gradient_accumulation
-        gpu = micro * SDXL_SECONDS_PER_MICRO_BATCH if cfg.backbone == "sdxl" and cfg.resolution >= 512 else None
+        gpu = micro * SDXL_SECONDS_PER_MICRO_BATCH * cfg.batch_size / 2 if cfg.backbone == "sdxl" and cfg.resolution >= 512 else None
         return StagePlan(items=cfg.max_steps, unit="optimizer steps", gpu_seconds=gpu, notes=[
             f"{micro} micro-batches of {cfg.batch_size} pairs per GPU ({2 * cfg.batch_size * micro} images per GPU), "
             f"{cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.warmup_steps} warmup), beta {cfg.beta:g}",
-            f"GPU-hours assume {SDXL_SECONDS_PER_MICRO_BATCH} s per micro-batch on one GPU (an assumption until "
-            f"benchmarks/gpu/bench_train_gpu.py has measured it); with N GPUs divide by N"])
+            f"GPU-hours assume {SDXL_SECONDS_PER_MICRO_BATCH} s per 2 pairs of a micro-batch (measured on an H200) "
+            f"on one GPU; with N GPUs (accelerate) the wall time stays and the global batch and GPU-hours grow N-fold"])
 
     def run(self, ctx: StageContext) -> None:
         from sage_builder.stages.train.data import load_preference_data
