@@ -25,7 +25,7 @@ from sage_builder.errors import ConfigError
 from sage_builder.stages.base import run_stage
 from sage_builder.stages.publish.stage import STAGE
 from sage_builder.store import Manifest, RunDir
-from sage_builder.testing.hub_server import HubServer
+from sage_builder.testing.hub_server import HubServer, local_hub
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which httpx2 deprecates; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -78,13 +78,7 @@ def config(**publish: object):
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch):
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    with HubServer(token=TOKEN) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with local_hub(monkeypatch, TOKEN) as server:
         yield server
 
 

@@ -10,7 +10,7 @@ import pytest
 from sage_builder.stages import get_stage
 from sage_builder.stages.base import run_stage
 from sage_builder.testing.fake_run import make_fake_run
-from sage_builder.testing.hub_server import HubServer
+from sage_builder.testing.hub_server import HubServer, local_hub
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which httpx2 deprecates; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -21,13 +21,7 @@ REPO = "sage-org/sage-from-label"
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch):
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    with HubServer(token=TOKEN) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with local_hub(monkeypatch, TOKEN) as server:
         yield server
 
 

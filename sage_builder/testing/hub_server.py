@@ -27,13 +27,14 @@ and read what was asked in ``server.requests``::
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -438,3 +439,20 @@ class _Handler(BaseHTTPRequestHandler):
             if recursive or len(rel) == 1:
                 entries[path] = remote.tree_entry(path)
         self._send(200, sorted(entries.values(), key=lambda e: e["path"]))
+
+
+@contextlib.contextmanager
+def local_hub(monkeypatch: Any, token: str) -> Iterator[HubServer]:
+    """A HubServer that huggingface_hub talks to: online, LFS (not Xet), HF_ENDPOINT and HF_TOKEN set.
+
+    ``monkeypatch`` is pytest's: huggingface_hub reads offline mode and Xet once at import, so the
+    two library constants are set directly; nothing of sage-builder is patched.
+    """
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with HubServer(token=token) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("HF_TOKEN", token)
+        yield server
