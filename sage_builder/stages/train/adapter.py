@@ -251,24 +251,21 @@ class UserAdapter(nn.Module):
         self._installed = None
 
     @contextlib.contextmanager
-    def conditioned(self, tokens: torch.Tensor) -> Iterator[None]:
-        """Forward passes inside the block attend to these user tokens (B_u, n_tokens, D)."""
+    def _using(self, tokens: torch.Tensor | None, enabled: bool) -> Iterator[None]:
         previous = (self.context.tokens, self.context.enabled)
-        self.context.tokens, self.context.enabled = tokens, True
+        self.context.tokens, self.context.enabled = tokens, enabled
         try:
             yield
         finally:
             self.context.tokens, self.context.enabled = previous
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
+    def conditioned(self, tokens: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Forward passes inside the block attend to these user tokens (B_u, n_tokens, D)."""
+        return self._using(tokens, True)
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
         """Forward passes inside the block are exactly the base UNet's (the DPO reference)."""
-        previous = (self.context.tokens, self.context.enabled)
-        self.context.tokens, self.context.enabled = None, False
-        try:
-            yield
-        finally:
-            self.context.tokens, self.context.enabled = previous
+        return self._using(None, False)
 
     def save(self, directory: Path | str, **training: Any) -> Path:
         from safetensors.torch import save_file
