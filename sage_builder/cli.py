@@ -215,3 +215,7 @@ _register_stage_commands()
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
