@@ -271,3 +271,13 @@ def test_changing_n_asks_again_since_the_prompt_shows_it(tmp_path: Path, tokeniz
     _, again = run(make_config(tmp_path, tokenizer_dir, pairs_per_concept=3), tmp_path / "run")
     asked = [key for key, _ in again.calls]
     assert len(asked) == 6 * 3 * 2  # every p_h and p_s again ("Variation: i of 3"), no description again
+
+
+def test_outputs_do_not_depend_on_where_the_tokenizer_folder_lives(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import shutil
+
+    moved = shutil.copytree(tokenizer_dir, tmp_path / "elsewhere" / "clip-copy")
+    run(make_config(tmp_path, tokenizer_dir), tmp_path / "a")
+    run(make_config(tmp_path, moved), tmp_path / "b")
+    for name in ("pairs.parquet", "rejects.parquet"):
+        assert (tmp_path / "a" / "prompts" / name).read_bytes() == (tmp_path / "b" / "prompts" / name).read_bytes()

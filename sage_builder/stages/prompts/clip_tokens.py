@@ -20,6 +20,17 @@ class ClipTokenCounter:
         self.key = key
         self._tokenizers: list[Any] | None = None
 
+    def identity(self) -> str:
+        """A hash of the loaded tokenizers' content, so item keys survive moving the model folder."""
+        from sage_builder.store import stable_hash
+
+        self.load()
+        parts = []
+        for tokenizer in self._tokenizers or []:
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            parts.append(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()))
+        return stable_hash(parts)
+
     def load(self) -> ClipTokenCounter:
         if self._tokenizers is not None:
             return self

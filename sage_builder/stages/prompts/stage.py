@@ -308,8 +308,8 @@ class PromptsStage(Stage):
         llm_hash = hashable_dump(config.llm)
         counter = self._counter(config).load()
         validator = PairValidator(counter, prompts, _example_prompts(unsafe_t) + _example_prompts(safe_t))
-        tokenizer = self.tokenizer_ref(config)[:2]
-        rules = {"max_clip_tokens": prompts.max_clip_tokens, "tokenizer": tokenizer,
+        # The tokenizer enters keys by content, not by path: a moved folder must not redo items.
+        rules = {"max_clip_tokens": prompts.max_clip_tokens, "tokenizer": counter.identity(),
                  "band": [prompts.edit_similarity_min, prompts.edit_similarity_max]}
         n = prompts.pairs_per_concept
 
