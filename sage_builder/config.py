@@ -10,6 +10,9 @@ Relative paths in a YAML file are resolved against the folder that holds that fi
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -60,6 +63,36 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def _is_model_ref(field: Any) -> bool:
+    return any(getattr(m, "func", None) is _resolve_model_ref for m in field.metadata)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_model_identity(path: str, mtime_ns: int) -> str:
+    root = Path(path)
+    entries: list[Any] = []
+    for file in sorted(root.rglob("*")):
+        rel = file.relative_to(root)
+        if not file.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        size = file.stat().st_size
+        if file.suffix in {".json", ".txt", ".jinja"} and size < 8_000_000:
+            entries.append([rel.as_posix(), hashlib.sha256(file.read_bytes()).hexdigest()])
+        else:
+            entries.append([rel.as_posix(), size])
+    payload = json.dumps(entries, separators=(",", ":")).encode()
+    return "local-model:" + hashlib.sha256(payload).hexdigest()[:32]
+
+
+def model_identity(value: str) -> str:
+    """A local model folder hashes by its content (configs, tokenizer files, weight sizes), not its
+    path, so that the same model in another clone gives the same item keys and sampling seeds."""
+    path = Path(value)
+    if path.is_dir():
+        return _local_model_identity(str(path.resolve()), path.stat().st_mtime_ns)
+    return value
+
+
 def hashable_dump(model: BaseModel) -> dict[str, Any]:
     """The model as plain data without execution-only fields, for hashing."""
     out: dict[str, Any] = {}
@@ -68,7 +101,9 @@ def hashable_dump(model: BaseModel) -> dict[str, Any]:
         if extra.get("execution"):
             continue
         value = getattr(model, name)
-        if isinstance(value, BaseModel):
+        if isinstance(value, str) and _is_model_ref(field):
+            out[name] = model_identity(value)
+        elif isinstance(value, BaseModel):
             out[name] = hashable_dump(value)
         elif isinstance(value, (list, tuple)):
             out[name] = [hashable_dump(v) if isinstance(v, BaseModel) else _plain(v) for v in value]

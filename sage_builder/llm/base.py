@@ -86,6 +86,20 @@ def closed_objects(schema: Any) -> Any:
     return schema
 
 
+def reply_settings(config: LLMConfig) -> dict[str, Any]:
+    """What decides an LLM's reply besides the prompt: part of item keys (and so of seeds).
+
+    Not attempts, batch size or concurrency. A local model folder counts by its content, so the
+    same model in another clone gives the same keys and the same sampled text.
+    """
+    from sage_builder.config import model_identity
+
+    return {"backend": config.backend, "model": model_identity(config.model), "revision": config.revision,
+            "gguf_file": config.gguf_file, "served_model_name": config.served_model_name,
+            "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed}
+
+
 def derive_seed(base: int, key: str, attempt: int) -> int:
     """Per-request sampling seed: reproducible, independent of batch order, new on each retry."""
     digest = hashlib.sha256(f"{base}:{key}:{attempt}".encode()).digest()

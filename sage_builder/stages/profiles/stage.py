@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sage_builder.config import PipelineConfig, hashable_dump
+from sage_builder.config import PipelineConfig, hashable_dump, model_identity
 from sage_builder.errors import ConfigError, SageError
-from sage_builder.llm.base import LLMResult, make_backend
+from sage_builder.llm.base import LLMResult, make_backend, reply_settings
 from sage_builder.progress import progress
 from sage_builder.stages.base import Stage, StageContext, StagePlan
 from sage_builder.stages.profiles import clustering, embedding, labelling
@@ -261,7 +261,7 @@ class ProfilesStage(Stage):
         config = ctx.config
         template = load_template(config.profiles.ban_template)
         cache = ctx.stage_dir.items("bans")
-        settings = _llm_key_settings(config)
+        settings = reply_settings(config.llm)
         factory = labelling.BanLabelRequestFactory(template, list(config.categories), settings)
         keys = {uid: factory.key(uid, u) for uid, u in sampled.items()}
         done = cache.read(keys=set(keys.values()))
@@ -302,7 +302,7 @@ class ProfilesStage(Stage):
         messages = {uid: statement_messages(template, u, banned[uid],
                                             labelling.allowed_of(banned[uid], config.categories))
                     for uid, u in users.items()}
-        identity = {"model": model, "revision": config.llm.revision if same else None,
+        identity = {"model": model_identity(model), "revision": config.llm.revision if same else None,
                     "gguf_file": config.llm.gguf_file if same else None, "dtype": dtype,
                     "pooling": embedding.POOLING, "layer": embedding.LAYER}
         keys = {uid: stable_hash("embedding", m, identity) for uid, m in messages.items()}
@@ -332,14 +332,6 @@ class ProfilesStage(Stage):
         if len(dims) != 1:
             raise SageError(f"embeddings of different sizes {sorted(dims)} in {cache.directory}; rerun with --force")
         return {uid: vec_by_key[keys[uid]] for uid in users}, dims.pop()
-
-
-def _llm_key_settings(config: PipelineConfig) -> dict[str, Any]:
-    """What changes an LLM reply: model and sampling (not max_attempts, batch size or concurrency)."""
-    llm = config.llm
-    return {"backend": llm.backend, "model": llm.model, "revision": llm.revision, "gguf_file": llm.gguf_file,
-            "served_model_name": llm.served_model_name, "temperature": llm.temperature, "top_p": llm.top_p,
-            "max_new_tokens": llm.max_new_tokens, "seed": llm.seed}
 
 
 def _reject_row(uid: str, result: LLMResult) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from sage_builder.config import hashable_dump
 from sage_builder.errors import StageInputError
-from sage_builder.llm.base import LLMRequest, LLMResult, make_backend
+from sage_builder.llm.base import LLMRequest, LLMResult, make_backend, reply_settings
 from sage_builder.progress import progress
 from sage_builder.stages.base import Stage, StageContext, StagePlan, template_hashes
 from sage_builder.stages.prompts.concepts import ConceptPool, load_seeds, load_synonyms
@@ -38,7 +38,7 @@ from sage_builder.store import file_sha256, stable_hash
 from sage_builder.templates import PromptTemplate, load_template
 
 if TYPE_CHECKING:
-    from sage_builder.config import LLMConfig, PipelineConfig
+    from sage_builder.config import PipelineConfig
     from sage_builder.llm.base import LLMBackend
     from sage_builder.store import RunDir
 
@@ -58,13 +58,6 @@ REJECT_SCHEMA = pa.schema([("pair_id", pa.string()), ("concept_id", pa.string())
                            ("concept", pa.string()), ("idx", pa.int32()), ("attempt", pa.int32()),
                            ("step", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
                            ("prompt_unsafe", pa.string()), ("prompt_safe", pa.string()), ("final", pa.bool_())])
-
-
-def sampling_settings(llm: LLMConfig) -> dict[str, Any]:
-    """What decides an LLM's text besides the prompt: part of every pair_id."""
-    return {"backend": llm.backend, "model": llm.model, "revision": llm.revision, "gguf_file": llm.gguf_file,
-            "served_model_name": llm.served_model_name, "temperature": llm.temperature, "top_p": llm.top_p,
-            "max_new_tokens": llm.max_new_tokens, "seed": llm.seed}
 
 
 def refusal_check(value: BaseModel) -> str | None:
@@ -118,7 +111,7 @@ class PromptsStage(Stage):
 
     def model_ids(self, config: PipelineConfig) -> dict[str, dict[str, Any]]:
         model, revision, _ = self.tokenizer_ref(config)
-        return {"llm": sampling_settings(config.llm), "clip_tokenizer": {"model": model, "revision": revision}}
+        return {"llm": reply_settings(config.llm), "clip_tokenizer": {"model": model, "revision": revision}}
 
     def fingerprint_parts(self, config: PipelineConfig) -> dict[str, Any]:
         prompts = config.prompts
@@ -304,7 +297,7 @@ class PromptsStage(Stage):
         unsafe_t = load_template(prompts.templates.pair_unsafe)
         safe_t = load_template(prompts.templates.pair_safe)
         hashes = template_hashes(self, config)
-        settings = sampling_settings(config.llm)
+        settings = reply_settings(config.llm)
         llm_hash = hashable_dump(config.llm)
         counter = self._counter(config).load()
         validator = PairValidator(counter, prompts, _example_prompts(unsafe_t) + _example_prompts(safe_t))

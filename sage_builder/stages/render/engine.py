@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 import sage_builder.config  # noqa: F401  (the config tree first: it imports the stage sections)
+from sage_builder.config import model_identity
 from sage_builder.errors import StageInputError
 from sage_builder.stages.render.config import SCHEDULERS, RenderConfig
 from sage_builder.store import ITEM_KEY, ItemCache, stable_hash
@@ -82,7 +83,9 @@ def pair_seed(global_seed: int, pair_id: str) -> int:
 
 
 def image_key(prompt: str, seed: int, settings: RenderSettings) -> str:
-    return stable_hash("render-image", prompt, seed, asdict(settings), length=32)
+    # A local model folder counts by its content, not its path (see config.model_identity).
+    keyed = {**asdict(settings), "model": model_identity(settings.model)}
+    return stable_hash("render-image", prompt, seed, keyed, length=32)
 
 
 def resolve_device(device: str) -> str:
