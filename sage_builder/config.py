@@ -10,112 +10,17 @@ Relative paths in a YAML file are resolved against the folder that holds that fi
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from sage_builder import PROJECT_ROOT
+from sage_builder.config_base import (ConfigPath, ModelRef, OptionalModelRef, StrictModel, execution,  # noqa: F401
+                                      hashable_dump, model_identity, project_file)
 from sage_builder.errors import ConfigError
 
 DEFAULT_CATEGORIES = ["Hate", "Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda"]
-
-
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    value = Path(os.path.expanduser(str(value)))
-    if base is not None and not value.is_absolute():
-        value = (Path(base) / value).resolve()
-    return value
-
-
-def _resolve_model_ref(value: str | None, info: ValidationInfo) -> str | None:
-    """A model is a hub id (``org/name``) or a local folder; local-looking values become absolute."""
-    if value is None:
-        return None
-    if value.startswith(("./", "../", "/", "~")) or value in {".", ".."}:
-        return str(_resolve_path(Path(value), info))
-    return value
-
-
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-ModelRef = Annotated[str, AfterValidator(_resolve_model_ref)]
-OptionalModelRef = Annotated[str | None, AfterValidator(_resolve_model_ref)]
-
-
-def execution(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
-    """A setting that changes how work is scheduled, never what it produces (not hashed)."""
-    return Field(default, description=description, json_schema_extra={"execution": True}, **kwargs)
-
-
-def project_file(*parts: str) -> Path:
-    return PROJECT_ROOT.joinpath(*parts)
-
-
-class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo must not silently fall back to a default."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-def _is_model_ref(field: Any) -> bool:
-    return any(getattr(m, "func", None) is _resolve_model_ref for m in field.metadata)
-
-
-@functools.lru_cache(maxsize=64)
-def _local_model_identity(path: str, mtime_ns: int) -> str:
-    root = Path(path)
-    entries: list[Any] = []
-    for file in sorted(root.rglob("*")):
-        rel = file.relative_to(root)
-        if not file.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
-        size = file.stat().st_size
-        if file.suffix in {".json", ".txt", ".jinja"} and size < 8_000_000:
-            entries.append([rel.as_posix(), hashlib.sha256(file.read_bytes()).hexdigest()])
-        else:
-            entries.append([rel.as_posix(), size])
-    payload = json.dumps(entries, separators=(",", ":")).encode()
-    return "local-model:" + hashlib.sha256(payload).hexdigest()[:32]
-
-
-def model_identity(value: str) -> str:
-    """A local model folder hashes by its content (configs, tokenizer files, weight sizes), not its
-    path, so that the same model in another clone gives the same item keys and sampling seeds."""
-    path = Path(value)
-    if path.is_dir():
-        return _local_model_identity(str(path.resolve()), path.stat().st_mtime_ns)
-    return value
-
-
-def hashable_dump(model: BaseModel) -> dict[str, Any]:
-    """The model as plain data without execution-only fields, for hashing."""
-    out: dict[str, Any] = {}
-    for name, field in type(model).model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if extra.get("execution"):
-            continue
-        value = getattr(model, name)
-        if isinstance(value, str) and _is_model_ref(field):
-            out[name] = model_identity(value)
-        elif isinstance(value, BaseModel):
-            out[name] = hashable_dump(value)
-        elif isinstance(value, (list, tuple)):
-            out[name] = [hashable_dump(v) if isinstance(v, BaseModel) else _plain(v) for v in value]
-        elif isinstance(value, dict):
-            out[name] = {k: hashable_dump(v) if isinstance(v, BaseModel) else _plain(v) for k, v in value.items()}
-        else:
-            out[name] = _plain(value)
-    return out
-
-
-def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
 
 
 class LLMConfig(StrictModel):
@@ -154,14 +59,18 @@ from sage_builder.stages.prompts.config import PromptsConfig  # noqa: E402
 from sage_builder.stages.publish.config import PublishConfig  # noqa: E402
 from sage_builder.stages.render.config import RenderConfig  # noqa: E402
 from sage_builder.stages.train.config import TrainConfig  # noqa: E402
+from sage_builder.executors.config import RayConfig  # noqa: E402
 
 
 class PipelineConfig(StrictModel):
     name: str = Field(description="a short name for the run configuration")
     seed: int = Field(2025, description="global seed; every per-item seed derives from it and the item's key")
     categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES), min_length=1)
-    executor: Literal["local"] = execution("local", description="where stages run; only in-process "
-                                           "(local) exists so far")
+    executor: Literal["local", "ray"] = execution(
+        "local", description="where stages 1-3 run: local (this process, render.workers processes) or "
+        "ray (LLM engine actors and one render actor per GPU on a Ray cluster; see the `ray` section)")
+    ray: RayConfig = Field(default_factory=RayConfig, json_schema_extra={"execution": True},
+                           description="executor: ray only (scheduling, never hashed)")
     llm: LLMConfig
     profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)

@@ -46,6 +46,32 @@ class LLMRequest:
         """The reply schema sent to constrained decoders: objects take no keys beyond their properties."""
         return closed_objects(self.schema.model_json_schema())
 
+    @property
+    def schema_name(self) -> str:
+        return self.schema.__name__
+
+    def to_wire(self) -> WireRequest:
+        """What a remote engine needs (plain data): checks and the pydantic class stay with the caller."""
+        return WireRequest(self.key, self.messages, self.json_schema(), self.schema_name, self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    """An :class:`LLMRequest` as sent to an engine in another process (a Ray actor): plain data only.
+
+    Backends' ``_complete`` reads just these fields, so it serves either kind of request; replies are
+    judged (parsed, validated, checked) by the caller, which holds the original request.
+    """
+
+    key: str
+    messages: list[dict[str, str]]
+    schema_json: dict[str, Any]
+    schema_name: str
+    max_new_tokens: int | None = None
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.schema_json
+
 
 @dataclass
 class LLMResult:
@@ -145,6 +171,12 @@ class LLMBackend(ABC):
 
     def check_ready(self) -> None:
         """Raise SageError with a one-line message if the backend cannot serve (missing model, no server)."""
+
+    @classmethod
+    def plan_chunks(cls, config: LLMConfig, batch: Sequence[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
+        """How ``_complete`` cuts a batch into engine calls. Outputs may depend on which requests share
+        a call, so an executor that spreads calls over engines (Ray) cuts them the same way."""
+        return [list(batch)] if batch else []
 
     @abstractmethod
     def _complete(self, batch: Sequence[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:

@@ -108,22 +108,29 @@ class TransformersBackend(LLMBackend):
                 schema, defaults={"whitespace_flexible": False})
         matcher = llguidance.LLMatcher(self._ll_tokenizer, self._grammars[key], log_level=0)
         if matcher.is_error():
-            raise SageError(f"reply schema {request.schema.__name__}: llguidance cannot compile it "
+            raise SageError(f"reply schema {request.schema_name}: llguidance cannot compile it "
                             f"({matcher.get_error()})")
         return matcher
 
     def _vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+    @classmethod
+    def plan_chunks(cls, config, batch):  # type: ignore[no-untyped-def]
+        """``llm.batch_size`` requests per ``generate`` call, similar lengths together (less padding).
+
+        The length is that of the messages' text, so the cut needs no tokenizer and the Ray executor
+        cuts exactly as this process would (the sort is stable: ties keep the request order).
+        """
+        ordered = sorted(batch, key=lambda item: sum(len(m.get("content") or "") for m in item[0].messages))
+        size = config.batch_size
+        return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
     def _complete(self, batch: Sequence[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:
         self._load()
-        prompts = [(request, seed, self.tokenizer.apply_chat_template(
-            request.messages, add_generation_prompt=True, tokenize=False)) for request, seed in batch]
-        # Similar lengths together: less padding; results do not depend on the order (see module doc).
-        prompts.sort(key=lambda p: len(p[2]))
-        size = self.config.batch_size
-        for start in range(0, len(prompts), size):
-            yield from self._generate(prompts[start:start + size])
+        for chunk in self.plan_chunks(self.config, batch):
+            yield from self._generate([(request, seed, self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=False)) for request, seed in chunk])
 
     def _generate(self, rows: list[tuple[LLMRequest, int, str]]) -> Iterator[tuple[str, str | TransportFailure]]:
         import torch

@@ -34,6 +34,8 @@ class VLLMBackend(LLMBackend):
         super().__init__(config)
         self.llm: Any = None
         self._vllm: Any = None
+        # Extra ``vllm.LLM`` arguments set by an executor (e.g. the Ray actor's executor backend).
+        self.engine_kwargs: dict[str, Any] = {}
 
     def check_ready(self) -> None:
         self._load()
@@ -55,6 +57,7 @@ class VLLMBackend(LLMBackend):
             kwargs["max_model_len"] = c.max_model_len
         if c.served_model_name:
             kwargs["served_model_name"] = c.served_model_name
+        kwargs.update(self.engine_kwargs)
         try:
             self.llm = vllm.LLM(**kwargs)
         except (OSError, ValueError) as exc:

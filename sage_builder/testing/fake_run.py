@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sage_builder.config import DEFAULT_CATEGORIES, PipelineConfig, config_from_dict
 from sage_builder.store import Manifest, RunDir, stable_hash, write_parquet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from sage_builder.config import StrictModel, execution
+from sage_builder.config_base import StrictModel, execution
 
 
 class ShardRows(StrictModel):

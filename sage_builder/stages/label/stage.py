@@ -138,7 +138,6 @@ class LabelStage(Stage):
     def run(self, ctx: StageContext) -> None:
         config = ctx.config
         label = config.label
-        run = ctx.run
         out = ctx.stage_dir.file("dataset")
         tmp = ctx.stage_dir.file("dataset.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from sage_builder.config import ConfigPath, OptionalModelRef, StrictModel, execution, project_file
+from sage_builder.config_base import ConfigPath, OptionalModelRef, StrictModel, execution, project_file
 
 
 class SplitSizes(StrictModel):

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from sage_builder.config import PipelineConfig, hashable_dump, model_identity
 from sage_builder.errors import ConfigError, SageError
+from sage_builder.executors import make_stage_backend
 from sage_builder.llm.base import LLMResult, make_backend, reply_settings
 from sage_builder.progress import progress
 from sage_builder.stages.base import Stage, StageContext, StagePlan
@@ -274,7 +275,7 @@ class ProfilesStage(Stage):
         if todo:
             log.info("labelling %d users with %s (%d already done)", len(todo), config.llm.model,
                      len(sampled) - len(todo))
-            backend = make_backend(config.llm)
+            backend = make_stage_backend(config)
             with backend, cache.writer(flush_rows=16) as writer, \
                     progress(total=len(todo), desc="banned categories", unit="user") as bar:
                 for uid, result in labelling.label_with_llm(backend, factory, todo, lambda _r: bar.update()):

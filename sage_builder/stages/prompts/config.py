@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from sage_builder.config import ConfigPath, OptionalModelRef, StrictModel, execution, project_file
+from sage_builder.config_base import ConfigPath, OptionalModelRef, StrictModel, execution, project_file
 
 
 class PromptTemplates(StrictModel):

@@ -27,7 +27,8 @@ from pydantic import BaseModel
 
 from sage_builder.config import hashable_dump
 from sage_builder.errors import StageInputError
-from sage_builder.llm.base import LLMRequest, LLMResult, make_backend, reply_settings
+from sage_builder.executors import make_stage_backend
+from sage_builder.llm.base import LLMRequest, LLMResult, reply_settings
 from sage_builder.progress import progress
 from sage_builder.stages.base import Stage, StageContext, StagePlan, template_hashes
 from sage_builder.stages.prompts.concepts import ConceptPool, load_seeds, load_synonyms
@@ -84,7 +85,7 @@ class _LazyBackend:
 
     def get(self) -> LLMBackend:
         if self.backend is None:
-            self.backend = make_backend(self.ctx.config.llm)
+            self.backend = make_stage_backend(self.ctx.config)
             self.owned = True
         return self.backend
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from sage_builder.config import StrictModel, execution
+from sage_builder.config_base import StrictModel, execution
 from sage_builder.stages.publish.hub import repo_id_problem
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sage_builder.config import ModelRef, StrictModel, execution
+from sage_builder.config_base import ModelRef, StrictModel, execution
 
 # Scheduler names a config may use -> (diffusers class, extra config). "default" keeps the model's own.
 SCHEDULERS: dict[str, tuple[str, dict]] = {

@@ -115,7 +115,14 @@ class RenderStage(Stage):
 
         config = ctx.config.render
         pairs = read_pairs(ctx.input_path("prompts", PAIRS_FILE))
-        device = resolve_device(config.device)
+        on_ray = ctx.config.executor == "ray"
+        if on_ray:
+            from sage_builder.executors.ray_cluster import cluster_gpus, connect
+            from sage_builder.executors.ray_render import ray_device
+
+            device = ray_device(config, cluster_gpus(connect(ctx.config.ray)))
+        else:
+            device = resolve_device(config.device)
         _, revision = locate_model(config)
         settings = RenderSettings.from_config(config, device)
         planned, jobs = plan_images(pairs, settings, ctx.config.seed)
@@ -123,11 +130,19 @@ class RenderStage(Stage):
         cache = ctx.stage_dir.items("images")
         done = cache.done_keys()
         todo = [job for job in jobs if job.key not in done]
-        workers = n_workers(config.workers, device)
-        log.info("render: %d pairs, %d images, %d already rendered, %d to render on %s x%d",
-                 len(pairs), len(jobs), len(jobs) - len(todo), len(todo), device, workers)
+        workers = n_workers(config.workers, device) if not on_ray else 0
+        executor: dict[str, Any] = {"executor": ctx.config.executor}
+        log.info("render: %d pairs, %d images, %d already rendered, %d to render on %s", len(pairs), len(jobs),
+                 len(jobs) - len(todo), len(todo), "Ray" if on_ray else f"{device} x{workers}")
         started = time.monotonic()
-        written = render_all(config, settings, revision, device, jobs, done, cache, workers)
+        if on_ray:
+            from sage_builder.executors.ray_render import render_on_ray
+
+            written, facts = render_on_ray(ctx.config, settings, revision, device, jobs, done, cache)
+            executor.update(facts)
+            workers = facts.get("ray_workers", 0)
+        else:
+            written = render_all(config, settings, revision, device, jobs, done, cache, workers)
         render_seconds = time.monotonic() - started
 
         shard_names, index = assemble_shards(ctx.stage_dir.path, cache, planned, config.shard_mb * 1_000_000)
@@ -141,6 +156,7 @@ class RenderStage(Stage):
             "encoding": settings.encoding, "quality": settings.quality,
             "render_seconds": round(render_seconds, 2),
             "images_per_second": round(written / render_seconds, 3) if written and render_seconds > 0 else None,
+            **executor,
         })
 
     def extras(self, run: RunDir, config: PipelineConfig, options: dict[str, Any]) -> None:

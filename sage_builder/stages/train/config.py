@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from sage_builder.config import ModelRef, OptionalModelRef, StrictModel, execution
+from sage_builder.config_base import ModelRef, OptionalModelRef, StrictModel, execution
 
 
 class GridConfig(StrictModel):
