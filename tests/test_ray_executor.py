@@ -36,9 +36,9 @@ ray = pytest.importorskip("ray", reason="executor: ray needs the ray extra (make
 pytestmark = pytest.mark.slow
 
 DEMO = PROJECT_ROOT / "pipelines" / "demo.yaml"
-# The demo config, smaller: 6 users, one seed concept per category, 2 pairs each.
+# The demo config, smaller: 6 users, one seed concept per category, 2 pairs each, one attempt per pair.
 SMALL = ["profiles.n_users=6", "profiles.tsne_perplexity=2", "prompts.seeds_per_category=1",
-         "prompts.concepts_per_category=1", "prompts.max_pair_attempts=2"]
+         "prompts.concepts_per_category=1", "prompts.max_pair_attempts=1"]
 RAY = ["executor=ray", "ray.num_cpus=2", "ray.llm_replicas=2", "ray.llm_num_cpus=1", "ray.render_workers=2",
        "ray.render_num_cpus=1", "render.threads=1"]
 BIN = Path(sys.executable).parent
@@ -122,16 +122,23 @@ def test_stages_1_to_3_on_ray_equal_the_local_executor_row_by_row(tmp_path: Path
     for stage in ("profiles", "prompts", "render"):
         a = json.loads((tmp_path / "local" / stage / "manifest.json").read_text())
         b = json.loads((tmp_path / "ray" / stage / "manifest.json").read_text())
-        assert a["fingerprint"] == b["fingerprint"] and a["outputs"] == b["outputs"], stage
+        assert a["fingerprint"] == b["fingerprint"], stage
+        # Every output but profiles' report.json (it records timings) has the same sha256.
+        drop = {"report.json"}
+        assert {k: v for k, v in a["outputs"].items() if k not in drop} == \
+            {k: v for k, v in b["outputs"].items() if k not in drop}, stage
     assert b["stats"]["executor"] == "ray" and b["stats"]["ray_workers"] == 2
     again = sage("run", "--config", str(DEMO), "--run-dir", str(tmp_path / "ray"), "--until", "render",
                  *sets(SMALL + ["render.threads=1"]))
     assert again.returncode == 0 and again.stdout.count("up to date") == 3, tail(again.stdout)
 
 
-def render_run(tmp_path: Path, name: str, steps: int = 8) -> tuple[Path, Path]:
-    """A run dir with fake stages 1-2 (84 pairs) and a pipeline rendering them with the tiny SDXL."""
-    run, config = make_fake_run(tmp_path / name, n_users=8)
+N_PAIRS = 7 * 4  # make_fake_run: 7 categories x 1 concept x 4 pairs
+
+
+def render_run(tmp_path: Path, name: str, steps: int = 4) -> tuple[Path, Path]:
+    """A run dir with fake stages 1-2 (28 pairs) and a pipeline rendering them with the tiny SDXL."""
+    run, config = make_fake_run(tmp_path / name, n_users=8, concepts_per_category=1)
     base = load_config(DEMO)
     config = config.model_copy(update={"render": base.render.model_copy(update={
         "steps": steps, "batch_size": 2, "threads": 1})})
@@ -178,7 +185,7 @@ def test_killed_driver_then_rerun_renders_only_missing_images(tmp_path: Path, cl
     stats = json.loads((run / "render" / "manifest.json").read_text())["stats"]
     assert stats["reused"] == len(kept) and stats["rendered_now"] == stats["images"] - len(kept)
     index = pq.read_table(run / "render" / "index.parquet").to_pylist()
-    assert len({(r["pair_id"], r["variant"]) for r in index}) == len(index) == 2 * 84
+    assert len({(r["pair_id"], r["variant"]) for r in index}) == len(index) == 2 * N_PAIRS
     assert_same_tables(ref_run, run, "render")
 
 
@@ -200,7 +207,7 @@ def test_a_killed_render_actor_ends_the_stage_with_a_message_and_the_rerun_finis
     rerun = sage("stage", "render", "--config", str(pipeline), "--run-dir", str(run), *sets(RENDER_RAY), env=env)
     assert rerun.returncode == 0, tail(rerun.stdout)
     index = pq.read_table(run / "render" / "index.parquet")
-    assert index.num_rows == 2 * 84
+    assert index.num_rows == 2 * N_PAIRS
 
 
 def test_a_unit_past_the_timeout_ends_the_stage_with_a_message(tmp_path: Path, cluster: str) -> None:

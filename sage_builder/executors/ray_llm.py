@@ -86,9 +86,13 @@ class RayLLMBackend(LLMBackend):
         self.ray: Any = None
         self.pool: ActorPool[list[tuple[WireRequest, int]]] | None = None
         self.actors: list[Any] = []
+        self.gpus = 0.0
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "executor": "ray", "replicas": self.pipeline.ray.llm_replicas}
+
+    def engines(self) -> tuple[int, float]:
+        return len(self.actors) or self.pipeline.ray.llm_replicas, self.gpus
 
     def check_ready(self) -> None:
         if self.pool is not None:
@@ -97,7 +101,7 @@ class RayLLMBackend(LLMBackend):
 
         rc = self.pipeline.ray
         self.ray = connect(rc)
-        gpus = llm_gpus(self.pipeline, cluster_gpus(self.ray))
+        gpus = self.gpus = llm_gpus(self.pipeline, cluster_gpus(self.ray))
         options = {"num_cpus": rc.llm_num_cpus, "num_gpus": gpus, "max_restarts": 0}
         if self.config.device == "auto" and gpus == 0:
             # Resolved here, not per node: a CPU actor on a GPU node must not pick the GPU up.

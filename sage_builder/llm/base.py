@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,18 @@ class LLMBackend(ABC):
 
     def __init__(self, config: LLMConfig):
         self.config = config
+        # Engine requests sent (retries included) and wall seconds inside run(): `sage plan --measured`.
+        self.requests_sent = 0
+        self.busy_seconds = 0.0
+
+    def engines(self) -> tuple[int, float]:
+        """(engines serving requests in parallel, GPUs each): wall seconds x this = device-seconds."""
+        return 1, 0.0
+
+    def usage(self) -> dict[str, Any]:
+        engines, gpus = self.engines()
+        return {"requests": self.requests_sent, "seconds": round(self.busy_seconds, 3), "engines": engines,
+                "gpus_per_engine": gpus}
 
     def describe(self) -> dict[str, Any]:
         """Model and sampling settings, recorded with every output."""
@@ -195,7 +208,11 @@ class LLMBackend(ABC):
                 break
             batch = [(req, derive_seed(self.config.seed, key, attempt)) for key, req in pending.items()]
             seeds = {req.key: seed for req, seed in batch}
+            self.requests_sent += len(batch)
+            started = time.monotonic()
             for key, raw in self._complete(batch):
+                self.busy_seconds += time.monotonic() - started
+                started = time.monotonic()
                 request = pending.get(key)
                 if request is None:
                     continue

@@ -94,6 +94,10 @@ class TransformersBackend(LLMBackend):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "constrained_decoding": "llguidance"}
 
+    def engines(self) -> tuple[int, float]:
+        device = getattr(self, "device", self.config.device)
+        return 1, 1.0 if str(device).startswith("cuda") else 0.0
+
     def _matcher(self, request: LLMRequest) -> Any:
         import llguidance
         import llguidance.hf

@@ -64,6 +64,9 @@ class VLLMBackend(LLMBackend):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SageError(f"llm.model: vLLM cannot load '{c.model}': {first[:200]}") from None
 
+    def engines(self) -> tuple[int, float]:
+        return 1, float(self.config.tensor_parallel_size)
+
     def describe(self) -> dict[str, Any]:
         version = getattr(self._vllm, "__version__", None) if self._vllm is not None else None
         return {**super().describe(), "vllm_version": version}

@@ -253,6 +253,7 @@ class ProfilesStage(Stage):
             "rule_agreement": {r["rule"].split(" ->")[0]: f"{r['satisfied']}/{r['applicable']}"
                                for r in report["rule_agreement"]["rules"]},
             "levels": {str(r["level"]): r["n_banned"] for r in report["levels"]},
+            "llm_usage": (llm_info or {}).get("usage"),
             "splits": sizes,
         })
         log.info("profiles: %d users, mean %.2f banned, embedding dim %d", len(ids), bans["mean_banned"] or 0, dim)
@@ -288,6 +289,7 @@ class ProfilesStage(Stage):
                         rejects.append(_reject_row(uid, result))
                         if result.reason == "no_reply":
                             bar.update()
+            info["usage"] = backend.usage()
         rejects.sort(key=lambda r: r["user_id"])
         banned = {uid: list(banned_by_key[keys[uid]]) for uid in sampled if keys[uid] in banned_by_key}
         return banned, rejects, info

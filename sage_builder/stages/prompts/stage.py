@@ -168,6 +168,8 @@ class PromptsStage(Stage):
             pairs, rejects = self._pairs(ctx, backend, concepts)
         finally:
             backend.close()
+        if backend.backend is not None:
+            ctx.stats["llm_usage"] = backend.backend.usage()
         ctx.write_table("pairs.parquet", pa.Table.from_pylist(pairs, schema=self._pair_schema()))
         ctx.write_table("rejects.parquet", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
         report = quality_report(config.categories, concepts, dropped, pairs, rejects,
