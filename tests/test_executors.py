@@ -146,3 +146,13 @@ def test_plan_measured_on_a_directory_without_a_run_says_so(tmp_path: Path) -> N
     out = CliRunner().invoke(app, ["plan", "--config", str(Path(__file__).parents[1] / "pipelines" / "demo.yaml"),
                                    "--measured", str(tmp_path)])
     assert out.exit_code == 2 and "no config.yaml there" in out.output
+
+
+def test_executor_ray_without_ray_stops_before_the_stage_writes_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    pipeline = Path(__file__).parents[1] / "pipelines" / "demo.yaml"
+    out = CliRunner().invoke(app, ["stage", "render", "--config", str(pipeline), "--run-dir", str(tmp_path / "run"),
+                                   "--set", "executor=ray"])
+    assert out.exit_code == 2 and "pip install 'sage-builder[ray]'" in out.output
+    assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "run" / "render").exists()

@@ -40,6 +40,7 @@ DEMO = PROJECT_ROOT / "pipelines" / "demo.yaml"
 SMALL = ["profiles.n_users=6", "profiles.tsne_perplexity=2", "prompts.seeds_per_category=1",
          "prompts.concepts_per_category=1", "prompts.max_pair_attempts=1"]
 RAY = ["executor=ray", "ray.num_cpus=2", "ray.llm_replicas=2", "ray.llm_num_cpus=1", "ray.render_workers=2",
+       "ray.render_batches_per_task=1", "render.batch_size=2",
        "ray.render_num_cpus=1", "render.threads=1"]
 BIN = Path(sys.executable).parent
 CLUSTER_ENV: dict[str, str] = {}  # how drivers join the test cluster (address, auth token)

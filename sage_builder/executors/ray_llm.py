@@ -106,8 +106,9 @@ class RayLLMBackend(LLMBackend):
         if self.config.device == "auto" and gpus == 0:
             # Resolved here, not per node: a CPU actor on a GPU node must not pick the GPU up.
             self.config = self.config.model_copy(update={"device": "cpu"})
-        self.actors, labels = start_actors(self.ray, LLMEngineActor, [(self.config, max(1, int(rc.llm_num_cpus)))] * rc.llm_replicas, options,
-                                           "llm", rc.startup_timeout_s, RERUN)
+        args = [(self.config, max(1, int(rc.llm_num_cpus)))] * rc.llm_replicas
+        self.actors, labels = start_actors(self.ray, LLMEngineActor, args, options, "llm", rc.startup_timeout_s,
+                                           RERUN)
         log.info("ray: %d LLM actor(s) ready: %s", len(labels), "; ".join(labels))
         self.pool = ActorPool(self.ray, self.actors, labels, rc.task_timeout_s, _describe_chunk, RERUN)
 

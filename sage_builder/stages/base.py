@@ -72,6 +72,8 @@ class Stage(ABC):
     number: ClassVar[int]
     inputs: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
+    # Whether ``executor: ray`` moves this stage's work to a Ray cluster (stages 1-3).
+    distributed: ClassVar[bool] = False
 
     def config_section(self, config: PipelineConfig) -> Any:
         """The part of the config that determines this stage's output (execution fields are dropped)."""
@@ -175,6 +177,10 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
               options: dict[str, Any] | None = None) -> Manifest:
     """Run one stage unless its manifest already matches; write the manifest last."""
     stage_dir = run.stage(stage.name)
+    if stage.distributed and config.executor == "ray":
+        from sage_builder.executors.ray_cluster import import_ray
+
+        import_ray()  # not installed: one line now, before anything is written
     stage.check(config, run)
     value, inputs = fingerprint(stage, config, run)
     existing = stage_dir.read_manifest()

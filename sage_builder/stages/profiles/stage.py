@@ -76,6 +76,7 @@ def statement_messages(template: Any, user: Demographics, banned: list[str], all
 class ProfilesStage(Stage):
     name = "profiles"
     number = 1
+    distributed = True
     inputs = ()
     summary = "simulated users: demographics, banned categories, embedding, clusters, splits"
 

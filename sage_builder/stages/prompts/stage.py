@@ -97,6 +97,7 @@ class _LazyBackend:
 class PromptsStage(Stage):
     name = "prompts"
     number = 2
+    distributed = True
     inputs = ()  # needs only config.categories, not the profiles
     summary = "concept pool per category and (p_h, p_s) prompt pairs"
 

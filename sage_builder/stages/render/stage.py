@@ -82,6 +82,7 @@ def n_workers(config_workers: int | None, device: str) -> int:
 class RenderStage(Stage):
     name = "render"
     number = 3
+    distributed = True
     inputs = ("prompts",)
     summary = "render both images of every prompt pair with SDXL (or SD1.5)"
 
