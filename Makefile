@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo demo-ray test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
-        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-gpu gpu-wheels clean
+        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-ray bench-gpu gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
 # pip keeps the local CPU wheel instead of resolving a multi-GB CUDA build.
@@ -80,6 +80,10 @@ bench-label: setup
 
 bench-publish: setup
 	$(PY) benchmarks/bench_publish.py
+
+# The whole demo with executor local, then ray (~15 min on 2 cores): wall and stage times, same bytes.
+bench-ray: models
+	$(PY) benchmarks/bench_ray_demo.py
 
 bench-train: models
 	$(PY) benchmarks/bench_train_cpu.py

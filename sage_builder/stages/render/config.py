@@ -56,8 +56,9 @@ class RenderConfig(StrictModel):
                           "Parquet files of a few hundred MB)")
     batch_size: int = execution(4, ge=1, description="images per pipeline call (does not change pixels)")
     device: str = execution("auto", description="auto (CUDA if available), cpu, cuda")
-    workers: int | None = execution(None, ge=1, description="worker processes; default one per visible GPU "
-                                    "(1 on CPU); each takes a disjoint set of image keys")
+    workers: int | None = execution(None, ge=1, description="executor local: worker processes; default one per "
+                                    "visible GPU (1 on CPU); each takes a disjoint set of image keys (executor "
+                                    "ray: see ray.render_workers)")
     threads: int | None = execution(None, ge=1, description="CPU: torch threads per worker (default: torch's "
                                     "choice; on a shared machine, at most the idle cores)")
     compile: bool = execution(False, description="torch.compile the UNet (pays off on long GPU runs)")
