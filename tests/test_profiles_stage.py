@@ -175,7 +175,8 @@ def test_stage_with_rules_labeller_at_24_users(tmp_path, tiny_llama):
 
 def test_resume_after_interruption_gives_identical_parquet(tmp_path, tiny_llama, monkeypatch, spec):
     config = make_config(tiny_llama, labeller="llm", embedding_batch_size=4)
-    monkeypatch.setattr(profiles_stage, "make_backend", lambda cfg: ScriptedBackend(cfg, rules_reply(spec)))
+    monkeypatch.setattr(profiles_stage, "make_stage_backend",
+                        lambda cfg: ScriptedBackend(cfg.llm, rules_reply(spec)))
     clean = tmp_path / "clean"
     run_stage(profiles_stage.STAGE, config, RunDir(clean))
 
@@ -197,8 +198,8 @@ def test_resume_after_interruption_gives_identical_parquet(tmp_path, tiny_llama,
     assert len(RunDir(broken).stage("profiles").items("bans").done_keys()) == 24
     monkeypatch.setattr(embedding.StatementEmbedder, "embed", real_embed)
     answered = []
-    monkeypatch.setattr(profiles_stage, "make_backend",
-                        lambda cfg: ScriptedBackend(cfg, lambda r, s: answered.append(r.key) or "{}"))
+    monkeypatch.setattr(profiles_stage, "make_stage_backend",
+                        lambda cfg: ScriptedBackend(cfg.llm, lambda r, s: answered.append(r.key) or "{}"))
     run_stage(profiles_stage.STAGE, config, RunDir(broken))
     assert answered == []  # every label came from the item cache
     assert read(broken) == read(clean)
@@ -213,10 +214,10 @@ def test_llm_labeller_rejects_fail_or_exclude(tmp_path, tiny_llama, monkeypatch,
     backends = []
 
     def factory(cfg):
-        backends.append(ScriptedBackend(cfg, rules_reply(spec, fail_for)))
+        backends.append(ScriptedBackend(cfg.llm, rules_reply(spec, fail_for)))
         return backends[-1]
 
-    monkeypatch.setattr(profiles_stage, "make_backend", factory)
+    monkeypatch.setattr(profiles_stage, "make_stage_backend", factory)
     config = make_config(tiny_llama, labeller="llm")
     with pytest.raises(SageError, match=r"1 of 24 users have no valid LLM labelling after 2 attempts "
                                         r"\(e\.g\. user 0000004: refusal"):
@@ -249,7 +250,7 @@ def test_llm_labeller_request_and_schema(tmp_path, tiny_llama, monkeypatch, spec
         first_try = sum(r.key == request.key for r in seen) == 1
         return TransportFailure("timeout") if first_try else json.dumps({"forbidden": ["Sexuality", "Sexuality"]})
 
-    monkeypatch.setattr(profiles_stage, "make_backend", lambda cfg: ScriptedBackend(cfg, reply))
+    monkeypatch.setattr(profiles_stage, "make_stage_backend", lambda cfg: ScriptedBackend(cfg.llm, reply))
     config = make_config(tiny_llama, labeller="llm", n_users=3, add_permissive_user=False)
     run_stage(profiles_stage.STAGE, config, RunDir(tmp_path))
     first = seen[0]
