@@ -1,8 +1,8 @@
 """The Ray executor on a real local Ray instance (2 CPUs): same rows as the local executor, resumable.
 
 * stages 1-3 of the demo config (shrunk with --set) run once with ``executor: local`` and once with
-  ``executor: ray`` (the driver starts its own local Ray instance); every output table is compared
-  row by row, and the Parquet files byte for byte.
+  ``executor: ray`` (the driver starts its own local Ray instance), whose driver is killed in stage
+  2 and rerun; every output table is compared row by row, and the Parquet files byte for byte.
 * the render stage's driver is killed with SIGKILL mid-stage while a ``ray start`` cluster keeps
   running; the rerun renders only the missing images, and the output has every image once and
   equals a local render.
@@ -110,9 +110,23 @@ def test_stages_1_to_3_on_ray_equal_the_local_executor_row_by_row(tmp_path: Path
     local = sage("run", "--config", str(DEMO), "--run-dir", str(tmp_path / "local"), "--until", "render",
                  *sets(SMALL + ["render.threads=1"]))
     assert local.returncode == 0, tail(local.stdout)
-    on_ray = sage("run", "--config", str(DEMO), "--run-dir", str(tmp_path / "ray"), "--until", "render",
-                  *sets(SMALL + RAY))
+    # The Ray run's driver (and with it the Ray instance it started) is killed with SIGKILL in stage 2,
+    # once its first finished items are on disk; the rerun resumes from them.
+    args = ["run", "--config", str(DEMO), "--run-dir", str(tmp_path / "ray"), "--until", "render", *sets(SMALL + RAY)]
+    victim = sage(*args, wait=False)
+    prompt_items = tmp_path / "ray" / "prompts" / "_items"
+    deadline = time.monotonic() + 600
+    while not any(prompt_items.rglob("part-*.parquet")) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before stage 2 could be interrupted\n" + tail(victim.communicate()[0])
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert (tmp_path / "ray" / "profiles" / "manifest.json").exists()
+    assert not (tmp_path / "ray" / "prompts" / "manifest.json").exists()
+
+    on_ray = sage(*args)
     assert on_ray.returncode == 0, tail(on_ray.stdout)
+    assert "stage profiles: up to date" in on_ray.stdout
     assert "ray: 2 LLM actor(s) ready" in on_ray.stdout and "ray: 2 render actor(s)" in on_ray.stdout
 
     for stage in ("profiles", "prompts", "render"):
@@ -128,6 +142,10 @@ def test_stages_1_to_3_on_ray_equal_the_local_executor_row_by_row(tmp_path: Path
         drop = {"report.json"}
         assert {k: v for k, v in a["outputs"].items() if k not in drop} == \
             {k: v for k, v in b["outputs"].items() if k not in drop}, stage
+        if stage == "prompts":
+            # The resumed stage sent only what the killed run had not finished.
+            assert 0 < b["stats"]["llm_usage"]["requests"] < a["stats"]["llm_usage"]["requests"]
+            assert b["stats"]["llm_usage"]["engines"] == 2
     assert b["stats"]["executor"] == "ray" and b["stats"]["ray_workers"] == 2
     again = sage("run", "--config", str(DEMO), "--run-dir", str(tmp_path / "ray"), "--until", "render",
                  *sets(SMALL + ["render.threads=1"]))
