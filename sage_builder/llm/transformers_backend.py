@@ -1,7 +1,8 @@
 """In-process generation with transformers, constrained to the reply's JSON schema by llguidance.
 
-Requests are batched (``llm.batch_size`` prompts per ``generate`` call, left-padded, sorted by
-length to waste little padding) after the model's chat template is applied. A logits processor
+Requests are batched (``llm.batch_size`` prompts per ``generate`` call, left-padded, sorted by the
+length of their messages to waste little padding; see ``plan_chunks``) and each prompt goes
+through the model's chat template. A logits processor
 does two things per row and step: it masks every token that the row's llguidance matcher
 (compiled from the request's JSON schema, no free whitespace) would reject, then picks the next
 token itself, greedily when ``llm.temperature`` is 0, else by temperature/top-p sampling from
