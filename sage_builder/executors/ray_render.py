@@ -45,7 +45,7 @@ class RenderActor:
     def start(self) -> dict[str, Any]:
         import torch
 
-        from sage_builder.stages.render.engine import load_pipeline, make_batch_invariant
+        from sage_builder.stages.render.workers import load_worker_pipeline
 
         info = where()
         if not (self.cache_dir / self.marker).exists():
@@ -53,19 +53,14 @@ class RenderActor:
                             "put it on a file system every Ray node mounts (NFS, Lustre, a bucket mount)")
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.pipe = load_pipeline(self.config, self.device, compile_unet=self.config.compile)
-        if self.device == "cpu":
-            make_batch_invariant(self.pipe)
+        self.pipe = load_worker_pipeline(self.config, self.device)
         return info
 
     def render(self, unit: list[list[ImageJob]]) -> int:
-        from sage_builder.stages.render.engine import render_batches
-        from sage_builder.store import ItemCache
+        from sage_builder.stages.render.workers import render_cut_batches
 
-        writer = render_batches(self.pipe, unit, self.settings, ItemCache(self.cache_dir), self.revision,
-                                writer_id=self.writer_id, pad_to=self.config.batch_size if self.config.compile else 0,
-                                invariant=self.device == "cpu")
-        return writer.written
+        return render_cut_batches(self.pipe, self.config, self.settings, self.device, unit, self.cache_dir,
+                                  self.revision, self.writer_id)
 
 
 def ray_device(config: RenderConfig, gpus: int) -> str:

@@ -66,15 +66,28 @@ def run_task(task: RenderTask, on_written: Any = None) -> int:
         torch.set_num_threads(previous)
 
 
-def _render_task(task: RenderTask, on_written: Any) -> int:
-    pipe = load_pipeline(task.config, task.device, compile_unet=task.config.compile)
-    if task.device == "cpu":
+def load_worker_pipeline(config: RenderConfig, device: str) -> Any:
+    """A worker's pipeline (a local process or a Ray actor): compiled if asked, batch-invariant on CPU."""
+    pipe = load_pipeline(config, device, compile_unet=config.compile)
+    if device == "cpu":
         make_batch_invariant(pipe)
-    # The batches are already cut: their composition is kept exactly.
-    writer = render_batches(pipe, task.batches, task.settings, ItemCache(task.cache_dir), task.revision,
-                            writer_id=task.writer_id, pad_to=task.config.batch_size if task.config.compile else 0,
-                            on_written=on_written, invariant=task.device == "cpu")
+    return pipe
+
+
+def render_cut_batches(pipe: Any, config: RenderConfig, settings: RenderSettings, device: str,
+                       batches: Sequence[Sequence[ImageJob]], cache_dir: Path, revision: str | None,
+                       writer_id: str, on_written: Any = None) -> int:
+    """Render batches that are already cut (their composition is kept exactly); returns images written."""
+    writer = render_batches(pipe, batches, settings, ItemCache(cache_dir), revision, writer_id=writer_id,
+                            pad_to=config.batch_size if config.compile else 0, on_written=on_written,
+                            invariant=device == "cpu")
     return writer.written
+
+
+def _render_task(task: RenderTask, on_written: Any) -> int:
+    pipe = load_worker_pipeline(task.config, task.device)
+    return render_cut_batches(pipe, task.config, task.settings, task.device, task.batches, task.cache_dir,
+                              task.revision, task.writer_id, on_written)
 
 
 def _worker_main(task: RenderTask, events: Any) -> None:
