@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sage_builder.errors import SageError
+from sage_builder.runtime import resolve_device
 from sage_builder.stages.train.adapter import UserAdapter
 from sage_builder.stages.train.data import (
     LatentCache,
@@ -198,12 +199,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class AdapterTrainer:
     """Builds the caches, runs the optimisation loop, checkpoints and evaluates."""
 
@@ -216,7 +211,7 @@ class AdapterTrainer:
         self.data = data
         self.work_dir = Path(work_dir)
         self.fingerprint = fingerprint
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, "train.device")
         if device == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         precision = config.mixed_precision if device != "cpu" else "no"
