@@ -94,3 +94,26 @@ def test_clip_tokenizer_is_rebuilt_from_a_bpe_merges_file(tmp_path: Path) -> Non
         assert tokenizer.tokenize("Red BANNER") == ["red</w>", "banner</w>"]
         ids = tokenizer("red banner")["input_ids"]
         assert len(ids) == 4 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_clip_tokenizer_of_a_hub_id_follows_huggingface_hubs_offline_flag(monkeypatch: pytest.MonkeyPatch,
+                                                                          offline: bool) -> None:
+    """HF_HUB_OFFLINE=true (not only "1") keeps the token counter off the network (read via runtime)."""
+    import huggingface_hub.constants
+    from transformers import CLIPTokenizer
+
+    from sage_builder.errors import StageInputError
+    from sage_builder.stages.prompts.clip_tokens import ClipTokenCounter
+
+    asked = []
+
+    def fake_from_pretrained(*args: object, **kwargs: object) -> None:
+        asked.append(kwargs["local_files_only"])
+        raise OSError("not cached")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(StageInputError, match="^render.model: no CLIP tokenizer"):
+        ClipTokenCounter("stabilityai/stable-diffusion-xl-base-1.0").load()
+    assert asked == [offline]  # tokenizer/ failed: the stage stops there

@@ -6,11 +6,10 @@ prompt fits when it fits both. Counts include the BOS and EOS tokens, as the 77 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from sage_builder.errors import StageInputError
+from sage_builder.runtime import hub_offline, is_local_path
 
 
 class ClipTokenCounter:
@@ -36,7 +35,7 @@ class ClipTokenCounter:
             return self
         from transformers import CLIPTokenizer
 
-        local_only = Path(self.model).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        local_only = is_local_path(self.model) or hub_offline()
         tokenizers = []
         for subfolder in ("tokenizer", "tokenizer_2"):
             try:
