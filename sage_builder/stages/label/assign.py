@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+
+from sage_builder.errors import StageInputError
 
 RECORD_SPLITS = ("train", "val", "test_seen", "test_unseen")
 
@@ -81,3 +85,30 @@ class Deck:
 def user_rng(seed: int, user_id: str) -> random.Random:
     # random.Random seeds a str through SHA-512: the same on every machine and Python run.
     return random.Random(f"sage-label:{seed}:{user_id}")
+
+
+def build_pools(pairs: pa.Table, categories: list[str], test_index: int, k: int, pairs_path: Path) -> dict[tuple[str, str], list[int]]:
+    """Positions (in ``pairs``) each (record split, category) may draw from; K must fit every pool."""
+    cats = pairs.column("category").to_pylist()
+    idxs = pairs.column("idx").to_pylist()
+    rows = pairs.column("row").to_pylist()
+    known = set(categories)
+    for cat, row in zip(cats, rows):
+        if cat not in known:
+            raise StageInputError(f"{pairs_path} row {row}: category '{cat}' is not in config.categories "
+                                  f"({', '.join(categories)}); fix the categories list or rerun stage 2")
+    pools: dict[tuple[str, str], list[int]] = {}
+    for split in RECORD_SPLITS:
+        test = uses_test_index(split)
+        for category in categories:
+            pools[(split, category)] = [i for i, (c, x) in enumerate(zip(cats, idxs))
+                                        if c == category and ((x == test_index) if test else (x < test_index))]
+    for (split, category), pool in pools.items():
+        if len(pool) < k:
+            where = f"idx {test_index}" if uses_test_index(split) else f"idx 1-{test_index - 1}"
+            shown = ", ".join(str(rows[i]) for i in pool[:8]) or "none"
+            raise StageInputError(
+                f"{pairs_path} rows {shown}: category '{category}' has {len(pool)} rendered pairs with {where} "
+                f"(for {split}), fewer than label.pairs_per_category={k}; lower label.pairs_per_category "
+                f"or generate more concepts/pairs")
+    return pools

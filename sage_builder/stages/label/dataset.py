@@ -61,6 +61,11 @@ def with_features(schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(schema), metadata=meta)
 
 
+def shard_files(root: Path, config: str, split: str) -> list[Path]:
+    """The shards of one split of one config in a dataset directory, in order."""
+    return sorted((root / "data" / config).glob(f"{split}-*.parquet"))
+
+
 def shard_name(config: str, split: str, index: int, count: int) -> str:
     return f"data/{config}/{split}-{index:05d}-of-{count:05d}.parquet"
 

@@ -25,12 +25,9 @@ import pyarrow.parquet as pq
 from sage_builder.errors import SageError
 from sage_builder.progress import progress
 from sage_builder.stages.label.assign import RECORD_SPLITS
+from sage_builder.stages.label.dataset import SplitWriter, shard_files
 
 FORMATS = ("psalign", "pickapic")
-
-
-def _files(root: Path, config: str, split: str) -> list[Path]:
-    return sorted((root / "data" / config).glob(f"{split}-*.parquet"))
 
 
 def _require(root: Path) -> None:
@@ -42,7 +39,7 @@ def _require(root: Path) -> None:
 
 def _pair_locations(root: Path) -> dict[str, tuple[Path, int]]:
     where = {}
-    for path in _files(root, "pairs", "train"):
+    for path in shard_files(root, "pairs", "train"):
         for row, pid in enumerate(pq.read_table(path, columns=["pair_id"]).column("pair_id").to_pylist()):
             where[pid] = (path, row)
     return where
@@ -124,7 +121,7 @@ def export_psalign(root: Path, out: Path, splits: list[str]) -> dict[str, int]:
             owner: dict[str, str] = {}  # file name -> pair_id, to catch two concepts that map to one name
             tmp = split_dir / "metadata.jsonl.tmp"
             with open(tmp, "w", encoding="utf-8") as handle:
-                for path in _files(root, "preferences", split):
+                for path in shard_files(root, "preferences", split):
                     for rec in pq.read_table(path).to_pylist():
                         meta = psalign_record(rec)
                         for name, variant in ((meta["chosen"], rec["chosen_variant"]),
@@ -149,7 +146,7 @@ def export_psalign(root: Path, out: Path, splits: list[str]) -> dict[str, int]:
     emb_dir = out / "embeddings"
     emb_dir.mkdir(exist_ok=True)
     users = 0
-    for path in _files(root, "users", "train"):
+    for path in shard_files(root, "users", "train"):
         table = pq.read_table(path, columns=["user_id", "embedding"])
         for uid, emb in zip(table.column("user_id").to_pylist(), table.column("embedding").to_pylist()):
             if emb is None:
@@ -166,14 +163,12 @@ PICKAPIC_SCHEMA = pa.schema([("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("l
 
 
 def export_pickapic(root: Path, out: Path, splits: list[str], shard_rows: int = 5000) -> dict[str, int]:
-    from sage_builder.stages.label.dataset import SplitWriter
-
     _require(root)
     images = PairImages(root)
     counts = {}
     configs = []
     for split in splits:
-        files = _files(root, "preferences", split)
+        files = shard_files(root, "preferences", split)
         total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
         writer = SplitWriter(out, "pickapic", split, PICKAPIC_SCHEMA, total, shard_rows)
         bar = progress(total=total, desc=f"pickapic {split}", unit="record")

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from sage_builder.errors import SageError
 from sage_builder.stages.label.assign import RECORD_SPLITS, choose, uses_test_index
 from sage_builder.stages.label.card import split_card
+from sage_builder.stages.label.dataset import shard_files
 
 CHECKS = {
     "layout": "files the dataset directory must have",
@@ -60,10 +61,6 @@ class Report:
         return out
 
 
-def _files(root: Path, config: str, split: str) -> list[Path]:
-    return sorted((root / "data" / config).glob(f"{split}-*.parquet"))
-
-
 def _decodes(data: bytes | None) -> str | None:
     from PIL import Image
 
@@ -78,23 +75,19 @@ def _decodes(data: bytes | None) -> str | None:
     return None
 
 
-def validate_dataset(root: Path | str, check_images: bool = True) -> Report:
-    root = Path(root)
-    report = Report()
+def _card_meta(root: Path, report: Report) -> dict[str, Any]:
+    """The card's ``sage_builder`` front matter (vocabulary, embedding dimension, test index)."""
     card = root / "README.md"
-    if not root.is_dir():
-        raise SageError(f"{root}: no such dataset directory (stage 4 writes RUN/label/dataset)")
-    meta: dict[str, Any] = {}
-    if card.exists():
-        meta = (split_card(card.read_text())[0] or {}).get("sage_builder") or {}
-    else:
+    if not card.exists():
         report.add("layout", f"{card}: missing (the card holds configs and the vocabulary)")
-    vocabulary = set(meta.get("categories") or [])
-    dim = meta.get("embedding_dim")
-    test_index = meta.get("test_index")
+        return {}
+    return (split_card(card.read_text())[0] or {}).get("sage_builder") or {}
 
+
+def _check_users(root: Path, report: Report, vocabulary: set[str], dim: int | None) -> dict[str, dict[str, Any]]:
+    """Users by id (split role, banned list); embeddings and banned categories checked on the way."""
     users: dict[str, dict[str, Any]] = {}
-    user_files = _files(root, "users", "train")
+    user_files = shard_files(root, "users", "train")
     if not user_files:
         report.add("layout", f"{root / 'data/users'}: no users shards")
     for path in user_files:
@@ -111,81 +104,120 @@ def validate_dataset(root: Path | str, check_images: bool = True) -> Report:
                 if vocabulary and cat not in vocabulary:
                     report.add("category", f"{path.relative_to(root)} row {row}: user {rec['user_id']} bans "
                                            f"'{cat}', not in the vocabulary")
+    return users
 
-    pairs: set[str] = set()
-    pair_files = _files(root, "pairs", "train")
+
+def _check_pair_images(report: Report, where: str, rec: dict[str, Any]) -> None:
+    for variant in ("unsafe", "safe"):
+        data = (rec[f"image_{variant}"] or {}).get("bytes")
+        error = _decodes(data)
+        if error:
+            report.add("image", f"{where}: image_{variant} does not decode ({error})")
+        elif hashlib.sha256(data).hexdigest() != rec[f"sha256_{variant}"]:
+            report.add("image", f"{where}: image_{variant} sha256 does not match sha256_{variant}")
+
+
+def _check_pairs(root: Path, report: Report, vocabulary: set[str], check_images: bool) -> set[str] | None:
+    """Pair ids of the pairs config (None when it has no shards); categories and images checked."""
+    pair_files = shard_files(root, "pairs", "train")
     if not pair_files:
         report.add("layout", f"{root / 'data/pairs'}: no pairs shards (records cannot be checked against images)")
+        return None
+    pairs: set[str] = set()
+    columns = ["pair_id", "category"] + (["image_unsafe", "image_safe", "sha256_unsafe", "sha256_safe"]
+                                         if check_images else [])
     for path in pair_files:
-        parquet = pq.ParquetFile(path)
-        columns = ["pair_id", "category"] + (["image_unsafe", "image_safe", "sha256_unsafe", "sha256_safe"]
-                                             if check_images else [])
         row = 0
-        for batch in parquet.iter_batches(batch_size=64, columns=columns):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
             for rec in batch.to_pylist():
                 pairs.add(rec["pair_id"])
                 where = f"{path.relative_to(root)} row {row} (pair {rec['pair_id']})"
                 if vocabulary and rec["category"] not in vocabulary:
                     report.add("category", f"{where}: category '{rec['category']}' is not in the vocabulary")
                 if check_images:
-                    for variant in ("unsafe", "safe"):
-                        data = (rec[f"image_{variant}"] or {}).get("bytes")
-                        error = _decodes(data)
-                        if error:
-                            report.add("image", f"{where}: image_{variant} does not decode ({error})")
-                        elif hashlib.sha256(data).hexdigest() != rec[f"sha256_{variant}"]:
-                            report.add("image", f"{where}: image_{variant} sha256 does not match sha256_{variant}")
+                    _check_pair_images(report, where, rec)
                 row += 1
+    return pairs
 
-    seen_records: dict[str, str] = {}
-    seen_keys: dict[tuple[str, str, str], str] = {}
+
+@dataclass
+class RecordChecks:
+    """The per-record checks of the preferences config, with what they remember across records."""
+
+    report: Report
+    users: dict[str, dict[str, Any]]
+    pairs: set[str] | None
+    vocabulary: set[str]
+    test_index: int | None
+    seen_records: dict[str, str] = field(default_factory=dict)
+    seen_keys: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    missing_users: set[str] = field(default_factory=set)
+
+    def check(self, rec: dict[str, Any], split: str, at: str) -> None:
+        """``at`` is "FILE row N"; every problem of the record is added to the report."""
+        report, uid = self.report, rec["user_id"]
+        where = f"{at} (record {rec['record_id']})"
+        if self.pairs is not None and rec["pair_id"] not in self.pairs:
+            report.add("missing-pair", f"{where}: pair {rec['pair_id']} is not in the pairs config")
+        if uid not in self.users and uid not in self.missing_users:
+            report.add("embedding", f"{where}: user {uid} is not in the users config (no embedding)")
+            self.missing_users.add(uid)
+        self.check_label(rec, where)
+        if self.vocabulary and rec["category"] not in self.vocabulary:
+            report.add("category", f"{where}: category '{rec['category']}' is not in the vocabulary")
+        if self.test_index is not None and (rec["idx"] == self.test_index) != uses_test_index(split):
+            report.add("index", f"{where}: prompt index {rec['idx']} in split {split} (test splits use "
+                                f"{self.test_index} only, train and val the others)")
+        self.check_duplicate(rec, where, at)
+
+    def check_label(self, rec: dict[str, Any], where: str) -> None:
+        uid = rec["user_id"]
+        banned = set(rec["banned"] or [])
+        if uid in self.users and set(self.users[uid]["banned"] or []) != banned:
+            self.report.add("label", f"{where}: banned list differs from user {uid} in the users config")
+        expected = choose(rec["category"] in banned, rec["caption_variant"])
+        actual = (rec["chosen_variant"], rec["rejected_variant"], rec["reason"])
+        if rec["caption_variant"] not in ("u", "s") or actual != expected:
+            self.report.add("label", f"{where}: chosen/rejected/reason {'/'.join(map(str, actual))} but "
+                                     f"{rec['category']} {'is' if expected[2] == 'banned' else 'is not'} banned "
+                                     f"for user {uid} and the caption is '{rec['caption_variant']}', so "
+                                     f"{'/'.join(expected)}")
+
+    def check_duplicate(self, rec: dict[str, Any], where: str, at: str) -> None:
+        uid = rec["user_id"]
+        key = (uid, rec["pair_id"], rec["caption_variant"])
+        if rec["record_id"] in self.seen_records:
+            self.report.add("duplicate", f"{where}: record_id also at {self.seen_records[rec['record_id']]}")
+        elif key in self.seen_keys:
+            self.report.add("duplicate", f"{where}: user {uid}, pair {rec['pair_id']}, caption "
+                                         f"{rec['caption_variant']} also at {self.seen_keys[key]}")
+        self.seen_records.setdefault(rec["record_id"], at)
+        self.seen_keys.setdefault(key, at)
+
+
+RECORD_COLUMNS = ["record_id", "user_id", "pair_id", "category", "idx", "caption_variant", "chosen_variant",
+                  "rejected_variant", "reason", "banned"]
+
+
+def _check_records(root: Path, checks: RecordChecks) -> dict[str, set[str]]:
+    """Every record of every split through ``checks``; returns the users seen per split."""
     users_in: dict[str, set[str]] = {s: set() for s in RECORD_SPLITS}
-    missing_users: set[str] = set()
     for split in RECORD_SPLITS:
-        files = _files(root, "preferences", split)
+        files = shard_files(root, "preferences", split)
         if not files:
-            report.add("layout", f"{root / 'data/preferences'}: no {split} shards")
+            checks.report.add("layout", f"{root / 'data/preferences'}: no {split} shards")
         n = 0
         for path in files:
             rel = path.relative_to(root)
-            table = pq.read_table(path, columns=["record_id", "user_id", "pair_id", "category", "idx",
-                                                 "caption_variant", "chosen_variant", "rejected_variant",
-                                                 "reason", "banned"])
-            for row, rec in enumerate(table.to_pylist()):
+            for row, rec in enumerate(pq.read_table(path, columns=RECORD_COLUMNS).to_pylist()):
                 n += 1
-                where = f"{rel} row {row} (record {rec['record_id']})"
-                uid = rec["user_id"]
-                users_in[split].add(uid)
-                if pair_files and rec["pair_id"] not in pairs:
-                    report.add("missing-pair", f"{where}: pair {rec['pair_id']} is not in the pairs config")
-                if uid not in users:
-                    if uid not in missing_users:
-                        report.add("embedding", f"{where}: user {uid} is not in the users config (no embedding)")
-                        missing_users.add(uid)
-                banned = set(rec["banned"] or [])
-                if uid in users and set(users[uid]["banned"] or []) != banned:
-                    report.add("label", f"{where}: banned list differs from user {uid} in the users config")
-                expected = choose(rec["category"] in banned, rec["caption_variant"])
-                actual = (rec["chosen_variant"], rec["rejected_variant"], rec["reason"])
-                if rec["caption_variant"] not in ("u", "s") or actual != expected:
-                    report.add("label", f"{where}: chosen/rejected/reason {'/'.join(map(str, actual))} but "
-                                        f"{rec['category']} {'is' if expected[2] == 'banned' else 'is not'} banned "
-                                        f"for user {uid} and the caption is '{rec['caption_variant']}', so "
-                                        f"{'/'.join(expected)}")
-                if vocabulary and rec["category"] not in vocabulary:
-                    report.add("category", f"{where}: category '{rec['category']}' is not in the vocabulary")
-                if test_index is not None and (rec["idx"] == test_index) != uses_test_index(split):
-                    report.add("index", f"{where}: prompt index {rec['idx']} in split {split} (test splits use "
-                                        f"{test_index} only, train and val the others)")
-                key = (uid, rec["pair_id"], rec["caption_variant"])
-                if rec["record_id"] in seen_records:
-                    report.add("duplicate", f"{where}: record_id also at {seen_records[rec['record_id']]}")
-                elif key in seen_keys:
-                    report.add("duplicate", f"{where}: user {uid}, pair {rec['pair_id']}, caption "
-                                            f"{rec['caption_variant']} also at {seen_keys[key]}")
-                seen_records.setdefault(rec["record_id"], f"{rel} row {row}")
-                seen_keys.setdefault(key, f"{rel} row {row}")
-        report.counts[split] = n
+                users_in[split].add(rec["user_id"])
+                checks.check(rec, split, f"{rel} row {row}")
+        checks.report.counts[split] = n
+    return users_in
+
+
+def _check_leaks(report: Report, users: dict[str, dict[str, Any]], users_in: dict[str, set[str]]) -> None:
     for split in ("val", "test_unseen"):
         for uid in sorted(users_in[split] & users_in["train"]):
             report.add("leak", f"user {uid} has {split} records and train records")
@@ -193,6 +225,20 @@ def validate_dataset(root: Path | str, check_images: bool = True) -> Report:
         role = users.get(uid, {}).get("split")
         if role in ("val", "test_unseen"):
             report.add("leak", f"user {uid} has split role {role} in the users config but train records")
-    report.counts["pairs"] = len(pairs)
+
+
+def validate_dataset(root: Path | str, check_images: bool = True) -> Report:
+    root = Path(root)
+    report = Report()
+    if not root.is_dir():
+        raise SageError(f"{root}: no such dataset directory (stage 4 writes RUN/label/dataset)")
+    meta = _card_meta(root, report)
+    vocabulary = set(meta.get("categories") or [])
+    users = _check_users(root, report, vocabulary, meta.get("embedding_dim"))
+    pairs = _check_pairs(root, report, vocabulary, check_images)
+    checks = RecordChecks(report, users, pairs, vocabulary, meta.get("test_index"))
+    users_in = _check_records(root, checks)
+    _check_leaks(report, users, users_in)
+    report.counts["pairs"] = len(pairs or ())
     report.counts["users"] = len(users)
     return report
