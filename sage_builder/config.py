@@ -19,6 +19,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from sage_builder.config_base import (ConfigPath, ModelRef, OptionalModelRef, StrictModel, execution,  # noqa: F401
                                       hashable_dump, model_identity, project_file)
 from sage_builder.errors import ConfigError
+from sage_builder.executors.config import RayConfig
+from sage_builder.stages.label.config import LabelConfig
+from sage_builder.stages.profiles.config import ProfilesConfig
+from sage_builder.stages.prompts.config import PromptsConfig
+from sage_builder.stages.publish.config import PublishConfig
+from sage_builder.stages.render.config import RenderConfig
+from sage_builder.stages.train.config import TrainConfig
 
 DEFAULT_CATEGORIES = ["Hate", "Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda"]
 
@@ -50,16 +57,6 @@ class LLMConfig(StrictModel):
     tensor_parallel_size: int = execution(1, ge=1)
     gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0)
     max_model_len: int | None = execution(None, ge=64)
-
-
-# Imported late: the stage sections use StrictModel, execution and the path types above.
-from sage_builder.stages.label.config import LabelConfig  # noqa: E402
-from sage_builder.stages.profiles.config import ProfilesConfig  # noqa: E402
-from sage_builder.stages.prompts.config import PromptsConfig  # noqa: E402
-from sage_builder.stages.publish.config import PublishConfig  # noqa: E402
-from sage_builder.stages.render.config import RenderConfig  # noqa: E402
-from sage_builder.stages.train.config import TrainConfig  # noqa: E402
-from sage_builder.executors.config import RayConfig  # noqa: E402
 
 
 class PipelineConfig(StrictModel):

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from sage_builder.config_base import hashable_dump
 from sage_builder.errors import StageInputError
 
 MANIFEST_NAME = "manifest.json"
@@ -35,8 +36,6 @@ ITEM_KEY = "item_key"
 
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
-        from sage_builder.config import hashable_dump
-
         return _canonical(hashable_dump(obj))
     if isinstance(obj, dict):
         return {str(k): _canonical(v) for k, v in obj.items()}

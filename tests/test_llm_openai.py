@@ -10,7 +10,8 @@ from pydantic import BaseModel
 
 from sage_builder.config import LLMConfig
 from sage_builder.errors import SageError
-from sage_builder.llm.base import LLMRequest, derive_seed, make_backend
+from sage_builder.llm.base import LLMRequest, derive_seed
+from sage_builder.llm.factory import make_backend
 from sage_builder.llm.openai_backend import OpenAIBackend
 from sage_builder.llm.refusal import looks_like_refusal
 from sage_builder.testing import REFUSAL_TEXT, BrokenBody, ChatServer, Delay, Drop, Refusal, Status

@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field
 
 from sage_builder.config import LLMConfig
 from sage_builder.errors import SageError
-from sage_builder.llm.base import LLMRequest, make_backend
+from sage_builder.llm.base import LLMRequest
+from sage_builder.llm.factory import make_backend
 from sage_builder.llm.transformers_backend import TransformersBackend
 from sage_builder.testing.tiny_llm import save_tiny_llama
 

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from sage_builder.config import LLMConfig
 from sage_builder.errors import SageError
-from sage_builder.llm.base import LLMRequest, derive_seed, make_backend
+from sage_builder.llm.base import LLMRequest, derive_seed
+from sage_builder.llm.factory import make_backend
 
 
 class Ban(BaseModel):

@@ -21,7 +21,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from sage_builder.config import LLMConfig
-from sage_builder.llm.base import LLMRequest, make_backend
+from sage_builder.llm.base import LLMRequest
+from sage_builder.llm.factory import make_backend
 from sage_builder.testing.tiny_llm import save_tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from sage_builder.config_base import model_identity
 from sage_builder.errors import SageError
 from sage_builder.llm.refusal import looks_like_refusal
 
@@ -119,8 +120,6 @@ def reply_settings(config: LLMConfig) -> dict[str, Any]:
     Not attempts, batch size or concurrency. A local model folder counts by its content, so the
     same model in another clone gives the same keys and the same sampled text.
     """
-    from sage_builder.config import model_identity
-
     return {"backend": config.backend, "model": model_identity(config.model), "revision": config.revision,
             "gguf_file": config.gguf_file, "served_model_name": config.served_model_name,
             "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
@@ -240,23 +239,3 @@ class LLMBackend(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def make_backend(config: LLMConfig) -> LLMBackend:
-    """Build the configured backend; heavy imports (vllm, torch) happen only here."""
-    if config.backend == "openai":
-        from sage_builder.llm.openai_backend import OpenAIBackend
-
-        backend: LLMBackend = OpenAIBackend(config)
-    elif config.backend == "transformers":
-        from sage_builder.llm.transformers_backend import TransformersBackend
-
-        backend = TransformersBackend(config)
-    elif config.backend == "vllm":
-        from sage_builder.llm.vllm_backend import VLLMBackend
-
-        backend = VLLMBackend(config)
-    else:  # pragma: no cover - the config literal forbids it
-        raise SageError(f"llm.backend: unknown backend '{config.backend}'")
-    backend.check_ready()
-    return backend

@@ -31,6 +31,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from sage_builder.errors import SageError
 from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+from sage_builder.runtime import retry_after_seconds
 
 log = logging.getLogger("sage.llm.openai")
 
@@ -61,15 +62,6 @@ def _retryable(exc: BaseException) -> bool:
         return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
     return isinstance(exc, (openai.APIConnectionError, _BadResponse, json.JSONDecodeError,
                             openai.APIResponseValidationError))
-
-
-def _retry_after(exc: BaseException | None) -> float | None:
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:  # an HTTP date: not worth parsing, fall back to backoff
-        return None
 
 
 def is_openai_host(base_url: str) -> bool:
@@ -179,7 +171,7 @@ class OpenAIBackend(LLMBackend):
 
     def _wait(self, retry_state: Any) -> float:
         backoff = min(MAX_WAIT_S, self.config.retry_backoff_s * 2 ** (retry_state.attempt_number - 1))
-        after = _retry_after(retry_state.outcome.exception() if retry_state.outcome else None)
+        after = retry_after_seconds(retry_state.outcome.exception() if retry_state.outcome else None)
         return backoff if after is None else min(MAX_WAIT_S, max(backoff, after))
 
     def _before_sleep(self, retry_state: Any) -> None:

@@ -19,30 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sage_builder.errors import SageError
 from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+from sage_builder.runtime import hub_offline, is_local_path, resolve_device, torch_dtype
 
 log = logging.getLogger("sage.llm.transformers")
-
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
 
 class TransformersBackend(LLMBackend):
     name = "transformers"
@@ -60,22 +45,18 @@ class TransformersBackend(LLMBackend):
     def _load(self) -> None:
         if self.model is not None:
             return
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         c = self.config
-        if _looks_local(c.model) and not Path(c.model).exists():
+        if is_local_path(c.model) and not Path(c.model).exists():
             raise SageError(f"llm.model: the model folder {c.model} does not exist (run `make models` to prepare "
                             "the small local models, or name a hub id)")
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        offline = hub_offline()
         kwargs: dict[str, Any] = {"revision": c.revision, "local_files_only": offline}
         if c.gguf_file:
             kwargs["gguf_file"] = c.gguf_file
-        device = resolve_device(c.device)
-        if c.dtype == "auto":
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        else:
-            dtype = getattr(torch, _DTYPES[c.dtype])
+        device = resolve_device(c.device, "llm.device")
+        dtype = torch_dtype(c.dtype, device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(c.model, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(c.model, dtype=dtype, **kwargs)

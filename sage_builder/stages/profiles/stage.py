@@ -26,7 +26,8 @@ import pyarrow as pa
 from sage_builder.config import PipelineConfig, hashable_dump, model_identity
 from sage_builder.errors import ConfigError, SageError
 from sage_builder.executors import make_stage_backend
-from sage_builder.llm.base import LLMResult, make_backend, reply_settings
+from sage_builder.llm.base import LLMResult, reply_settings
+from sage_builder.llm.factory import make_backend
 from sage_builder.progress import progress
 from sage_builder.stages.base import Stage, StageContext, StagePlan
 from sage_builder.stages.profiles import clustering, embedding, labelling

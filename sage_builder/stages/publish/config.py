@@ -7,7 +7,21 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from sage_builder.config_base import StrictModel, execution
-from sage_builder.stages.publish.hub import repo_id_problem
+
+
+def repo_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable ``ORG/NAME`` dataset repo id (None if it is): the Hub's own rule
+    (``huggingface_hub.utils.validate_repo_id``), with the namespace required."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if value.count("/") != 1:
+        return "expected ORG/NAME (letters, digits, '-', '_', '.'; e.g. my-org/sage)"
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        return str(exc).split(": '")[0].rstrip(".")  # the Hub's reason, without repeating the value
+    return None
 
 
 class PublishConfig(StrictModel):

@@ -20,16 +20,16 @@ only ever handed to ``HfApi``; nothing here logs or writes it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sage_builder.errors import SageError, StageInputError
+from sage_builder.runtime import retry_after_seconds
+from sage_builder.stages.publish.config import repo_id_problem
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -43,23 +43,6 @@ REPO_TYPE = "dataset"
 MANAGED_PREFIXES = ("data/", "manifests/")
 MANAGED_FILES = ("README.md",)
 T = TypeVar("T")
-
-
-# The Hub's rule for a repo name (huggingface_hub.utils.validate_repo_id), with the namespace required.
-_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-REPO_ID_RE = re.compile(rf"{_PART}/{_PART}")
-
-
-def repo_id_problem(value: str) -> str | None:
-    """Why ``value`` is not a usable ``ORG/NAME`` dataset repo id (None if it is)."""
-    if not REPO_ID_RE.fullmatch(value):
-        return "expected ORG/NAME (letters, digits, '-', '_', '.'; e.g. my-org/sage)"
-    if "--" in value or ".." in value:
-        return "'--' and '..' are not allowed in a repo id"
-    if value.split("/")[1].endswith(".git"):
-        return "the name must not end in .git"
-    return None
-
 
 
 class PublishError(SageError):
@@ -85,8 +68,9 @@ def check_repo_id(value: str, source: str = "--repo-id") -> str:
 
 def git_blob_sha1(path: Path) -> str:
     """The git object id of a regular (non-LFS) file, which is what the Hub lists for it."""
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    from huggingface_hub.utils.sha import git_hash
+
+    return git_hash(path.read_bytes())
 
 
 @dataclass
@@ -254,16 +238,6 @@ def hub_api(token: str) -> HfApi:
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
 
 
-def _retry_after(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    if response is None or response.status_code != 429:
-        return None
-    try:
-        return float(response.headers.get("Retry-After", "1"))
-    except ValueError:
-        return 1.0
-
-
 def with_rate_limit_retry(call: Callable[[], T], what: str, retries: int, max_wait_s: float) -> T:
     """Retry ``call`` after a 429 (the request was refused, so repeating it cannot apply it twice).
 
@@ -273,15 +247,18 @@ def with_rate_limit_retry(call: Callable[[], T], what: str, retries: int, max_wa
     from huggingface_hub.errors import HfHubHTTPError
     from tenacity import retry, retry_if_exception, stop_after_attempt
 
+    def after(exc: BaseException | None) -> float | None:
+        return retry_after_seconds(exc, only_status=429, default=1.0)  # None: not a 429, not retried
+
     def wait(state: Any) -> float:
-        after = _retry_after(state.outcome.exception())
-        return min(max_wait_s, after if after is not None else 2.0 ** state.attempt_number)
+        seconds = after(state.outcome.exception())
+        return min(max_wait_s, seconds if seconds is not None else 2.0 ** state.attempt_number)
 
     def before_sleep(state: Any) -> None:
         log.warning("%s: rate limited by the Hub (429); retry %d/%d in %.1f s", what, state.attempt_number,
                     retries, wait(state))
 
-    wrapped = retry(retry=retry_if_exception(lambda e: isinstance(e, HfHubHTTPError) and _retry_after(e) is not None),
+    wrapped = retry(retry=retry_if_exception(lambda e: isinstance(e, HfHubHTTPError) and after(e) is not None),
                     stop=stop_after_attempt(retries + 1), wait=wait, before_sleep=before_sleep, reraise=True)(call)
     return wrapped()
 
