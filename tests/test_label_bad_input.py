@@ -55,7 +55,7 @@ def test_k_larger_than_pairs_available(tmp_path):
     run, config = make_fake_run(tmp_path / "run", n_users=8, concepts_per_category=2, pairs_per_category=3)
     message = _fails(run, config)
     assert "prompts/pairs.parquet rows" in message and "label.pairs_per_category=3" in message
-    assert "category 'Hate' has 2 rendered pairs with idx 4" in message
+    assert "category 'Hate' has 2 concept(s) with rendered pairs at idx 1-3 (for train)" in message
 
 
 def test_profile_row_with_unknown_category(tmp_path):

@@ -2,9 +2,14 @@
 
 Assignment: per record split and category there is one *deck* holding the pool of pairs that
 split may use (test splits: the reserved last prompt index N; train and val: 1..N-1). Users are
-dealt in id order; each user draws K distinct pairs from the deck at random, with a generator
-seeded by the user id. A deck that runs out is refilled with the whole pool, so every pair of a
-pool is used equally often (max - min <= 1) and no user gets a pair twice.
+dealt in id order, each with a generator seeded by the user id. A deck deals in two levels, so
+that a user never gets two pairs of the same concept within one category (the published data
+never does): the user draws K distinct *concepts* from the pool's concepts, then one pair of each
+drawn concept from that concept's own pairs. Both levels are piles that are refilled whole when
+they run out, so every concept of a pool is drawn equally often (max - min <= 1), and so is every
+pair of a concept. When a pool's concepts have equally many pairs (always so for the test pools,
+one pair per concept) every pair of the pool is used equally often (max - min <= 1); a concept
+with fewer rendered pairs uses each of its pairs more often. A pool needs at least K concepts.
 
 Label rule: category banned -> the safe image is chosen in both records of the pair; allowed ->
 the image rendered from the record's own caption is chosen.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,19 +59,21 @@ def choose_arrays(category_banned: np.ndarray, caption_variant: np.ndarray) -> t
 
 
 @dataclass
-class Deck:
-    """The pool of one (split, category), dealt evenly: every pair once before any pair twice."""
+class Pile:
+    """Cards dealt evenly: every card once before any card twice; a hand never holds a card twice."""
 
-    pool: list[int]
-    remaining: list[int] = field(default_factory=list)
-    uses: dict[int, int] = field(default_factory=dict)
+    cards: list[Any]
+    remaining: list[Any] = field(default_factory=list)
+    uses: dict[Any, int] = field(default_factory=dict)
 
-    def draw(self, rng: random.Random, k: int) -> list[int]:
-        hand: list[int] = []
+    def draw(self, rng: random.Random, k: int) -> list[Any]:
+        if k > len(self.cards):
+            raise ValueError(f"cannot draw {k} distinct cards from a pile of {len(self.cards)}")
+        hand: list[Any] = []
         while len(hand) < k:
             if not self.remaining:
-                self.remaining = list(self.pool)
-            # A card already in the hand (only possible right after a refill) stays in the deck.
+                self.remaining = list(self.cards)
+            # A card already in the hand (only possible right after a refill) stays in the pile.
             while True:
                 i = rng.randrange(len(self.remaining))
                 card = self.remaining[i]
@@ -77,8 +85,30 @@ class Deck:
             self.uses[card] = self.uses.get(card, 0) + 1
         return hand
 
+
+class Deck:
+    """The pool of one (split, category): K distinct concepts per hand, then one pair of each."""
+
+    def __init__(self, pool: list[int], concepts: list[str]):
+        by_concept: dict[str, list[int]] = {}
+        for position, concept in zip(pool, concepts):
+            by_concept.setdefault(concept, []).append(position)
+        self.pool = list(pool)
+        self.concepts = Pile(list(by_concept))
+        self.pairs = {concept: Pile(positions) for concept, positions in by_concept.items()}
+        self.repeats = 0  # hands holding a concept twice (0 by construction; counted, not assumed)
+
+    def draw(self, rng: random.Random, k: int) -> list[int]:
+        concepts = self.concepts.draw(rng, k)
+        self.repeats += len(concepts) != len(set(concepts))
+        return [self.pairs[concept].draw(rng, 1)[0] for concept in concepts]
+
+    def pair_uses(self) -> list[int]:
+        """Users per pair, for every pair of the pool (a user never holds a pair twice)."""
+        return [pile.uses.get(position, 0) for pile in self.pairs.values() for position in pile.cards]
+
     def spread(self) -> tuple[int, int]:
-        counts = [self.uses.get(card, 0) for card in self.pool]
+        counts = self.pair_uses()
         return (min(counts), max(counts)) if counts else (0, 0)
 
 
@@ -103,12 +133,15 @@ def build_pools(pairs: pa.Table, categories: list[str], test_index: int, k: int,
         for category in categories:
             pools[(split, category)] = [i for i, (c, x) in enumerate(zip(cats, idxs))
                                         if c == category and ((x == test_index) if test else (x < test_index))]
+    concept_ids = pairs.column("concept_id").to_pylist()
     for (split, category), pool in pools.items():
-        if len(pool) < k:
+        n_concepts = len({concept_ids[i] for i in pool})
+        if n_concepts < k:
             where = f"idx {test_index}" if uses_test_index(split) else f"idx 1-{test_index - 1}"
             shown = ", ".join(str(rows[i]) for i in pool[:8]) or "none"
             raise StageInputError(
-                f"{pairs_path} rows {shown}: category '{category}' has {len(pool)} rendered pairs with {where} "
-                f"(for {split}), fewer than label.pairs_per_category={k}; lower label.pairs_per_category "
+                f"{pairs_path} rows {shown}: category '{category}' has {n_concepts} concept(s) with rendered pairs "
+                f"at {where} (for {split}), and dealing label.pairs_per_category={k} pairs per user without "
+                f"repeating a concept needs a pool of at least {k} concepts; lower label.pairs_per_category "
                 f"or generate more concepts/pairs")
     return pools

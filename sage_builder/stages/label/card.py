@@ -89,12 +89,14 @@ def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
         f"Test splits use prompt index {info['test_index']}; train and val use 1-{info['test_index'] - 1}. "
         "test_seen users are train users; val and test_unseen users never appear in train.\n")
     rows = [[s, counts[s]["records"], counts[s]["users"], f"{counts[s]['chosen_safe_share']:.3f}",
-             f"{counts[s]['pair_uses_min']}-{counts[s]['pair_uses_max']}"] for s in splits]
+             f"{counts[s]['pair_uses_min']}-{counts[s]['pair_uses_max']} (mean {counts[s]['pair_uses_mean']:.2f})",
+             counts[s]["repeated_concepts"]] for s in splits]
     rows.append(["all", sum(counts[s]["records"] for s in splits), info["n_users_with_records"],
-                 f"{info['chosen_safe_share']:.3f}", ""])
+                 f"{info['chosen_safe_share']:.3f}", "", sum(counts[s]["repeated_concepts"] for s in splits)])
     cat_rows = [[c] + [counts[s]["per_category"].get(c, 0) for s in splits] for c in categories]
     blocks["counts"] = (
-        "## Counts\n\n" + _table(["split", "records", "users", "chosen = safe", "uses per pair (min-max)"], rows)
+        "## Counts\n\n" + _table(["split", "records", "users", "chosen = safe", "users per pair (min-max)",
+                                 "user-category hands repeating a concept"], rows)
         + "\n\nRecords per category:\n\n" + _table(["category"] + list(splits), cat_rows)
         + f"\n\n`pairs`: {info['n_pairs']} rendered pairs. `users`: {info['n_users']} users "
         f"(embedding dimension {info['embedding_dim']}).\n")

@@ -99,6 +99,8 @@ class LabelStage(Stage):
             "chosen_safe_share": round(info["chosen_safe_share"], 4),
             "pair_uses": {s: [info["counts"][s]["pair_uses_min"], info["counts"][s]["pair_uses_max"]]
                           for s in info["splits"]},
+            "pair_uses_mean": {s: round(info["counts"][s]["pair_uses_mean"], 4) for s in info["splits"]},
+            "repeated_concepts": {s: info["counts"][s]["repeated_concepts"] for s in info["splits"]},
             "pairs": info["n_pairs"], "dataset": str(out),
         })
 
@@ -111,7 +113,8 @@ class LabelStage(Stage):
         profiles_path = run.stage("profiles").file("profiles.parquet")
         pairs = rendered_pairs(run)
         pools = build_pools(pairs, categories, test_index, k, run.stage("prompts").file("pairs.parquet"))
-        decks = {key: Deck(pool) for key, pool in pools.items()}
+        concept_ids = pairs.column("concept_id").to_pylist()
+        decks = {key: Deck(pool, [concept_ids[i] for i in pool]) for key, pool in pools.items()}
         profiles = open_profiles(profiles_path)
         users = users_per_split(profiles, profiles_path)
         per_user = len(categories) * k * 2

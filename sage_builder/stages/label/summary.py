@@ -15,15 +15,21 @@ CONFIG_ORDER = ("preferences", "pairs", "users")
 
 def split_counts(writers: dict[str, SplitWriter], users: Counter[str], tally: Tally,
                  decks: dict[tuple[str, str], Deck], categories: list[str]) -> dict[str, dict[str, Any]]:
-    """Records, users, records per category, chosen-safe share and pair-use spread per record split."""
+    """Records, users, records per category, chosen-safe share and pair use per record split.
+
+    Pair use is users per pair over every pair of the split's pools (min, mean, max); repeated
+    concepts counts user-category hands that hold one concept twice (the dealing makes it 0).
+    """
     counts = {}
     for s in RECORD_SPLITS:
-        deck_spread = [decks[(s, c)].spread() for c in categories]
+        uses = [n for c in categories for n in decks[(s, c)].pair_uses()]
         records = writers[s].rows
         counts[s] = {"records": records, "users": users[s],
                      "per_category": dict(tally.per_category[s]),
                      "chosen_safe_share": tally.chosen_safe[s] / records if records else 0.0,
-                     "pair_uses_min": min(a for a, _ in deck_spread), "pair_uses_max": max(b for _, b in deck_spread)}
+                     "pair_uses_min": min(uses, default=0), "pair_uses_max": max(uses, default=0),
+                     "pair_uses_mean": sum(uses) / len(uses) if uses else 0.0,
+                     "repeated_concepts": sum(decks[(s, c)].repeats for c in categories)}
     return counts
 
 
