@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -101,3 +102,28 @@ def test_pool_with_too_few_concepts_is_one_line(tmp_path):
     assert "\n" not in message and not run.stage("label").path.exists()
     assert "category 'Hate' has 2 concept(s) with rendered pairs at idx 1-3 (for train)" in message
     assert "a pool of at least 3 concepts" in message
+
+
+def test_published_concept_pool_at_1000_users(tmp_path):
+    # The 550 concepts of the published val/test splits (prompts/seed_concepts.csv), 10 indices each.
+    import csv
+
+    from sage_builder.config import DEFAULT_CATEGORIES
+
+    by_lower = {c.lower(): c for c in DEFAULT_CATEGORIES}
+    names: dict[str, list[str]] = {}
+    with open(Path(__file__).resolve().parents[1] / "prompts" / "seed_concepts.csv", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            names.setdefault(by_lower[row["category"]], []).append(row["concept"])
+    assert sum(len(v) for v in names.values()) == 550
+    run, config = make_fake_run(tmp_path / "run", n_users=1000, pairs_per_concept=10, pairs_per_category=3,
+                                image_bytes=False, include_pairs=False, concepts=names)
+    manifest = run_stage(get_stage("label"), config, run)
+    assert manifest.stats["repeated_concepts"] == {"train": 0, "val": 0, "test_seen": 0, "test_unseen": 0}
+    repeats = 0
+    for path in (run.stage("label").file("dataset") / "data/preferences").glob("*.parquet"):
+        table = pq.read_table(path, columns=["user_id", "category", "concept_id", "caption_variant"])
+        cells = Counter((r["user_id"], r["category"], r["concept_id"]) for r in table.to_pylist()
+                        if r["caption_variant"] == "u")
+        repeats += sum(n > 1 for n in cells.values())
+    assert repeats == 0

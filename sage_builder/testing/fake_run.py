@@ -96,11 +96,14 @@ def fake_profiles(n_users: int, categories: list[str], embedding_dim: int, seed:
     })
 
 
-def fake_pairs(categories: list[str], concepts_per_category: int, pairs_per_concept: int) -> tuple[pa.Table, pa.Table]:
+def fake_pairs(categories: list[str], concepts_per_category: int, pairs_per_concept: int,
+               names: dict[str, list[str]] | None = None) -> tuple[pa.Table, pa.Table]:
+    """Concepts and pairs; ``names`` (category -> concept names) replaces the made-up concepts."""
     concepts, pairs = [], []
     for category in categories:
-        for c in range(concepts_per_category):
-            concept = f"{category.lower()} concept {c}"
+        chosen = names[category] if names is not None else [f"{category.lower()} concept {c}"
+                                                            for c in range(concepts_per_category)]
+        for concept in chosen:
             concept_id = stable_hash(category, concept, length=12)
             concepts.append({"concept_id": concept_id, "category": category, "concept": concept,
                              "description": f"a made-up {category} concept", "source": "fake"})
@@ -167,8 +170,11 @@ def _finish(run: RunDir, stage: str, outputs: list[str], inputs: dict[str, str],
 def make_fake_run(root: Path, n_users: int = 20, concepts_per_category: int = 3, pairs_per_concept: int = 4,
                   pairs_per_category: int = 2, embedding_dim: int = 8, image_bytes: bool = True,
                   categories: list[str] | None = None, seed: int = 0,
-                  **label: Any) -> tuple[RunDir, PipelineConfig]:
-    """Write stages 1-3 of a synthetic run under ``root``; returns (run, matching config)."""
+                  concepts: dict[str, list[str]] | None = None, **label: Any) -> tuple[RunDir, PipelineConfig]:
+    """Write stages 1-3 of a synthetic run under ``root``; returns (run, matching config).
+
+    ``concepts`` (category -> concept names, e.g. the published pool) replaces
+    ``concepts_per_category`` made-up concepts per category."""
     categories = list(categories or DEFAULT_CATEGORIES)
     config = fake_config(n_users, pairs_per_concept, pairs_per_category, categories, **label)
     run = RunDir(root)
@@ -177,8 +183,8 @@ def make_fake_run(root: Path, n_users: int = 20, concepts_per_category: int = 3,
     write_parquet(fake_profiles(n_users, categories, embedding_dim, seed), run.stage("profiles").file("profiles.parquet"))
     _finish(run, "profiles", ["profiles.parquet"], {}, {"embedding_dim": embedding_dim})
 
-    concepts, pairs = fake_pairs(categories, concepts_per_category, pairs_per_concept)
-    write_parquet(concepts, run.stage("prompts").file("concepts.parquet"))
+    concept_table, pairs = fake_pairs(categories, concepts_per_category, pairs_per_concept, concepts)
+    write_parquet(concept_table, run.stage("prompts").file("concepts.parquet"))
     write_parquet(pairs, run.stage("prompts").file("pairs.parquet"))
     prompts = _finish(run, "prompts", ["concepts.parquet", "pairs.parquet"], {}, {"pairs": pairs.num_rows})
 
