@@ -18,7 +18,8 @@ from sage_builder.errors import ConfigError, SageError
 from sage_builder.llm.base import TransportFailure
 from sage_builder.llm.scripted import ScriptedBackend
 from sage_builder.stages.base import run_stage
-from sage_builder.stages.profiles import clustering, embedding, stage as profiles_stage
+from sage_builder import user_embedding
+from sage_builder.stages.profiles import clustering, stage as profiles_stage
 from sage_builder.stages.profiles.demographics import Demographics, load_demographics
 from sage_builder.stages.profiles.labelling import rule_agreement, rules_banned
 from sage_builder.store import RunDir
@@ -96,7 +97,7 @@ def test_mean_pooling_matches_per_prompt_computation(tiny_llama):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    embedder = embedding.StatementEmbedder(str(tiny_llama), device="cpu", dtype="float32")
+    embedder = user_embedding.StatementEmbedder(str(tiny_llama), device="cpu", dtype="float32")
     convs = [[{"role": "user", "content": "short"}],
              [{"role": "system", "content": "a much longer system message " * 5},
               {"role": "user", "content": "and a question about it"}]]
@@ -181,7 +182,7 @@ def test_resume_after_interruption_gives_identical_parquet(tmp_path, tiny_llama,
     run_stage(profiles_stage.STAGE, config, RunDir(clean))
 
     broken = tmp_path / "broken"
-    real_embed = embedding.StatementEmbedder.embed
+    real_embed = user_embedding.StatementEmbedder.embed
     calls = {"n": 0}
 
     def crash_after_two_batches(self, conversations):
@@ -190,13 +191,13 @@ def test_resume_after_interruption_gives_identical_parquet(tmp_path, tiny_llama,
             raise KeyboardInterrupt
         return real_embed(self, conversations)
 
-    monkeypatch.setattr(embedding.StatementEmbedder, "embed", crash_after_two_batches)
+    monkeypatch.setattr(user_embedding.StatementEmbedder, "embed", crash_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         run_stage(profiles_stage.STAGE, config, RunDir(broken))
     assert not (broken / "profiles" / "manifest.json").exists()
     assert len(RunDir(broken).stage("profiles").items("embeddings").done_keys()) == 8
     assert len(RunDir(broken).stage("profiles").items("bans").done_keys()) == 24
-    monkeypatch.setattr(embedding.StatementEmbedder, "embed", real_embed)
+    monkeypatch.setattr(user_embedding.StatementEmbedder, "embed", real_embed)
     answered = []
     monkeypatch.setattr(profiles_stage, "make_stage_backend",
                         lambda cfg: ScriptedBackend(cfg.llm, lambda r, s: answered.append(r.key) or "{}"))

@@ -7,10 +7,14 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sage_builder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sage_builder.stages.profiles.config import ProfilesConfig
 
 PUBLISHED_LEVEL_BANS = [0, 2, 4, 4, 5, 7]
 
@@ -54,6 +58,43 @@ def cluster_users(embeddings: np.ndarray, k: int, seed: int, extra: np.ndarray |
     extra_labels = km.predict(extra_z).astype(int) if len(extra_z) else np.zeros(0, dtype=int)
     return Clusters(labels=labels, reference=reference, k=k, standardized=z, predict_extra=extra_labels,
                     extra_standardized=extra_z)
+
+
+@dataclass
+class Placement:
+    """Step 4's result for every user (the sampled ones, then the permissive one if any)."""
+
+    ids: list[str]
+    clusters: Clusters
+    cluster_of: dict[str, int]
+    levels: dict[str, int]
+    split_of: dict[str, str]
+    seen: set[str]
+    sizes: dict[str, int]
+    coords: np.ndarray
+    perplexity: float
+
+
+def place_users(vectors: dict[str, np.ndarray], sampled_ids: list[str], permissive_id: str | None,
+                banned: dict[str, list[str]], pc: ProfilesConfig, seed: int) -> Placement:
+    """Clusters, reference users and levels, splits and the t-SNE map; the permissive user is only
+    assigned to a cluster, is level 0 and has the split role ``reference``."""
+    extra_ids = [permissive_id] if permissive_id else []
+    ids = sampled_ids + extra_ids
+    matrix = np.stack([vectors[uid] for uid in ids])
+    clusters = cluster_users(matrix[:len(sampled_ids)], pc.n_clusters, seed, matrix[len(sampled_ids):])
+    cluster_of = dict(zip(sampled_ids, clusters.labels.tolist()))
+    cluster_of.update(zip(extra_ids, clusters.predict_extra.tolist()))
+    candidates = [(uid, 0) for uid in extra_ids] + \
+        [(uid, len(banned[uid])) for uid in (sampled_ids[i] for i in clusters.reference)]
+    levels = assign_levels(candidates)
+    sizes = split_sizes(len(sampled_ids), pc.splits.train, pc.splits.val, pc.splits.test_unseen,
+                        pc.splits.test_seen)
+    split_of, seen = assign_splits(sampled_ids, sizes, seed)
+    split_of.update({uid: "reference" for uid in extra_ids})
+    coords, perplexity = tsne_map(np.vstack([clusters.standardized, clusters.extra_standardized]), seed,
+                                  pc.tsne_perplexity)
+    return Placement(ids, clusters, cluster_of, levels, split_of, seen, sizes, coords, perplexity)
 
 
 def assign_levels(candidates: list[tuple[str, int]]) -> dict[str, int]:

@@ -1,123 +1,52 @@
-"""User embeddings (SPEC 1.3): a statement about the user, put through the LLM's chat template
-with no generation; the last hidden layer, mean-pooled over the prompt's tokens, padding masked.
-
-Mean pooling is the one pooling used everywhere (the authors' inference path sum-pooled, which
-silently mismatched their training). Batches are right-padded so that, under causal attention,
-padding never changes a real token's state: a batched embedding equals the one computed alone.
-"""
+"""Step 3 of stage 1: one embedding per user, through the shared profile -> statement -> embedding
+path (``sage_builder.user_embedding``), saved item by item (key: the statement and the model)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 
-from sage_builder.errors import StageInputError
-
-log = logging.getLogger("sage.profiles")
-POOLING = "mean"
-LAYER = "last hidden layer (hidden_states[-1], after the final norm)"
-
-
-def model_is_local(model: str) -> bool:
-    return model.startswith("/") or model.startswith(".")
+from sage_builder.errors import SageError
+from sage_builder.progress import progress
+from sage_builder.stages.profiles.demographics import Demographics
+from sage_builder.stages.profiles.labelling import allowed_of
+from sage_builder.store import ItemCache, stable_hash
+from sage_builder.user_embedding import EmbeddingSetup, load_statement_template, statement_messages
 
 
-def check_model_available(model: str, key: str = "llm.model") -> None:
-    """A local model folder must exist; a hub id must be in the local cache when offline."""
-    if model_is_local(model):
-        if not (Path(model) / "config.json").exists():
-            raise StageInputError(f"{key}: {model} does not exist (no config.json there); run `make models`")
-        return
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
-            raise StageInputError(f"{key}: {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
-                                  f"download it first or point {key} at a local folder")
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-@dataclass
-class StatementEmbedder:
-    """Loads the model once; ``embed`` turns chat conversations into pooled vectors."""
-
-    model_ref: str
-    revision: str | None = None
-    gguf_file: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.device = resolve_device(self.device)
-        self.dtype = resolve_dtype(self.dtype, self.device)
-        kwargs: dict[str, Any] = {"revision": self.revision, "local_files_only": True}
-        if self.gguf_file:
-            kwargs["gguf_file"] = self.gguf_file
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref, **kwargs)
-            self.model = AutoModel.from_pretrained(self.model_ref, dtype=getattr(torch, self.dtype), **kwargs)
-        except OSError as exc:
-            raise StageInputError(f"embedding model {self.model_ref}: cannot load it offline "
-                                  f"({str(exc).splitlines()[0]}); run `make models`") from None
-        self.model.to(self.device).eval()
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.dim = int(self.model.config.hidden_size)
-
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        # A base model without a chat template: the plain concatenated messages.
-        return "\n\n".join(m["content"] for m in messages)
-
-    def embed(self, conversations: Sequence[list[dict[str, str]]]) -> np.ndarray:
-        """One float32 row per conversation (one forward pass for the whole batch)."""
-        import torch
-
-        texts = [self.prompt_text(m) for m in conversations]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with torch.inference_mode():
-            out = self.model(**enc, output_hidden_states=True)
-        return mean_pool(out.hidden_states[-1], enc["attention_mask"])
-
-    def embed_batches(self, conversations: Sequence[list[dict[str, str]]], batch_size: int
-                      ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (start index, vectors) per batch, so callers can save as they go."""
-        for start in range(0, len(conversations), batch_size):
-            yield start, self.embed(conversations[start:start + batch_size])
-
-    def close(self) -> None:
-        del self.model
+def embed_users(setup: EmbeddingSetup, users: dict[str, Demographics], banned: dict[str, list[str]],
+                categories: list[str], cache: ItemCache, batch_size: int) -> tuple[dict[str, np.ndarray], int]:
+    """(vector per user id, dimension). Users with the same statement share one computation."""
+    setup = setup.resolved()
+    template = load_statement_template(setup.template)
+    messages = {uid: statement_messages(template, u.as_dict(), banned[uid], allowed_of(banned[uid], categories))
+                for uid, u in users.items()}
+    identity = setup.identity()
+    keys = {uid: stable_hash("embedding", m, identity) for uid, m in messages.items()}
+    vec_by_key = _cached_vectors(cache, set(keys.values()))
+    todo_keys = list(dict.fromkeys(keys[uid] for uid in users if keys[uid] not in vec_by_key))
+    if todo_keys:
+        first_uid: dict[str, str] = {}
+        for uid, key in keys.items():
+            first_uid.setdefault(key, uid)
+        convs = [messages[first_uid[k]] for k in todo_keys]
+        embedder = setup.embedder()
+        with cache.writer(flush_rows=batch_size) as writer, \
+                progress(total=len(convs), desc="user embeddings", unit="user") as bar:
+            for start, vecs in embedder.embed_batches(convs, batch_size):
+                for key, vec in zip(todo_keys[start:start + batch_size], vecs):
+                    vec_by_key[key] = vec
+                    writer.add({"item_key": key, "embedding": vec.tolist()})
+                bar.update(len(vecs))
+        embedder.close()
+    dims = {v.shape[0] for v in vec_by_key.values()}
+    if len(dims) != 1:
+        raise SageError(f"embeddings of different sizes {sorted(dims)} in {cache.directory}; rerun with --force")
+    return {uid: vec_by_key[keys[uid]] for uid in users}, dims.pop()
 
 
-def mean_pool(hidden: Any, attention_mask: Any) -> np.ndarray:
-    """Mean of the hidden states over real tokens (mask 1), computed in float32."""
-    mask = attention_mask.to(hidden.device).unsqueeze(-1).float()
-    summed = (hidden.float() * mask).sum(dim=1)
-    counts = mask.sum(dim=1).clamp(min=1.0)
-    return (summed / counts).cpu().numpy().astype(np.float32)
+def _cached_vectors(cache: ItemCache, keys: set[str]) -> dict[str, np.ndarray]:
+    done = cache.read(keys=keys)
+    if done is None:
+        return {}
+    return {key: np.asarray(vec, dtype=np.float32)
+            for key, vec in zip(done.column("item_key").to_pylist(), done.column("embedding").to_pylist())}

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, create_model
 
-from sage_builder.llm.base import LLMBackend, LLMRequest, LLMResult
+from sage_builder.llm.base import LLMBackend, LLMRequest, LLMResult, reply_settings
+from sage_builder.progress import progress
 from sage_builder.stages.profiles.demographics import Demographics, DemographicsSpec
-from sage_builder.store import stable_hash
-from sage_builder.templates import PromptTemplate
+from sage_builder.store import ItemCache, stable_hash
+from sage_builder.templates import PromptTemplate, load_template
+
+if TYPE_CHECKING:
+    from sage_builder.config import PipelineConfig
+
+log = logging.getLogger("sage.profiles")
 
 # SPEC 1.2, over the 1,000 published users.
 PUBLISHED_BAN_RATES = {"Sexuality": 0.81, "Propaganda": 0.75, "Shocking": 0.63, "Violence": 0.52,
@@ -86,6 +93,67 @@ def label_with_llm(backend: LLMBackend, factory: BanLabelRequestFactory, users: 
     requests = [factory.request(uid, user) for uid, user in users.items()]
     for result in backend.run(requests, progress=on_result):
         yield by_key[result.key], result
+
+
+@dataclass
+class Labels:
+    """Step 2's result: banned categories of the accepted users, the rejects, and how the LLM was asked."""
+
+    banned: dict[str, list[str]]
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    llm_info: dict[str, Any] | None = None
+
+
+def label_users(config: PipelineConfig, spec: DemographicsSpec, sampled: dict[str, Demographics],
+                cache: ItemCache, make_llm: Callable[[], LLMBackend]) -> Labels:
+    """Banned categories per sampled user, by ``profiles.labeller``; LLM answers are saved as they come."""
+    if config.profiles.labeller == "rules":
+        return Labels({uid: rules_banned(spec, u, config.categories) for uid, u in sampled.items()})
+    factory = BanLabelRequestFactory(load_template(config.profiles.ban_template), list(config.categories),
+                                     reply_settings(config.llm))
+    keys = {uid: factory.key(uid, u) for uid, u in sampled.items()}
+    banned_by_key = _cached_bans(cache, set(keys.values()))
+    todo = {uid: u for uid, u in sampled.items() if keys[uid] not in banned_by_key}
+    info = {"backend": config.llm.backend, **factory.llm_settings, "max_attempts": config.llm.max_attempts,
+            "from_cache": len(sampled) - len(todo)}
+    rejects: list[dict[str, Any]] = []
+    if todo:
+        log.info("labelling %d users with %s (%d already done)", len(todo), config.llm.model,
+                 len(sampled) - len(todo))
+        rejects, info["usage"] = _ask_llm(make_llm(), factory, todo, cache, banned_by_key)
+    rejects.sort(key=lambda r: r["user_id"])
+    banned = {uid: list(banned_by_key[keys[uid]]) for uid in sampled if keys[uid] in banned_by_key}
+    return Labels(banned, rejects, info)
+
+
+def _cached_bans(cache: ItemCache, keys: set[str]) -> dict[str, list[str]]:
+    done = cache.read(keys=keys)
+    return {} if done is None else dict(zip(done.column("item_key").to_pylist(), done.column("banned").to_pylist()))
+
+
+def _ask_llm(backend: LLMBackend, factory: BanLabelRequestFactory, todo: dict[str, Demographics],
+             cache: ItemCache, banned_by_key: dict[str, list[str]]) -> tuple[list[dict[str, Any]], Any]:
+    """Label ``todo`` with the LLM, adding accepted answers to ``banned_by_key`` and the cache;
+    returns (reject rows, the backend's usage)."""
+    rejects = []
+    with backend, cache.writer(flush_rows=16) as writer, \
+            progress(total=len(todo), desc="banned categories", unit="user") as bar:
+        for uid, result in label_with_llm(backend, factory, todo, lambda _r: bar.update()):
+            if result.ok:
+                ban = banned_from_reply(result.value, factory.categories)
+                banned_by_key[result.key] = ban
+                writer.add({"item_key": result.key, "user_id": uid, "banned": ban, "raw": result.raw,
+                            "attempts": result.attempts, "seed": result.seed})
+            else:
+                rejects.append(reject_row(uid, result))
+                if result.reason == "no_reply":
+                    bar.update()
+    return rejects, backend.usage()
+
+
+def reject_row(uid: str, result: LLMResult) -> dict[str, Any]:
+    return {"user_id": uid, "item_key": result.key, "reason": result.reason, "errors": list(result.errors),
+            "raw": result.raw, "attempts": result.attempts}
 
 
 @dataclass

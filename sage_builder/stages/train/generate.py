@@ -2,7 +2,7 @@
 
 The adapter is installed on the base pipeline's UNet; the user embedding comes from the stage-4
 dataset's ``users`` config (by user id or strictness level 0-5), or is computed for a new profile
-with stage 1's statement and embedding code (same template, same LLM, mean pooling).
+with the shared ``sage_builder.user_embedding`` code stage 1 uses (same LLM, mean pooling).
 Classifier-free guidance gives the unconditional branch the same user tokens (see adapter.py).
 """
 
@@ -64,20 +64,15 @@ def user_from_profile(profile_path: Path, embedding_model: str | None, device: s
         profile = json.loads(Path(profile_path).read_text())
     except (OSError, ValueError) as exc:
         raise SageError(f"{profile_path}: cannot read the profile JSON ({exc})") from None
-    try:
-        from sage_builder.config import project_file
-        from sage_builder.stages.profiles.demographics import Demographics
-        from sage_builder.stages.profiles.embedding import StatementEmbedder
-        from sage_builder.stages.profiles.stage import statement_messages
-        from sage_builder.templates import load_template
-    except ImportError as exc:
-        raise SageError(f"--profile: stage 1's embedding code is not importable ({exc}); use --user or --level") \
-            from None
+    from sage_builder.config import project_file
+    from sage_builder.templates import load_template
+    from sage_builder.user_embedding import StatementEmbedder, statement_messages
+
     fields = ["age", "age_group", "gender", "religion", "physical_condition", "mental_condition"]
     missing = [f for f in fields + ["banned"] if f not in profile]
     if missing:
         raise SageError(f"{profile_path}: the profile lacks {missing[0]} (needs {', '.join(fields)}, banned, allowed)")
-    user = Demographics(**{f: profile[f] for f in fields})
+    user = {f: profile[f] for f in fields}
     template = load_template(project_file("prompts", "user_statement.txt"))
     messages = statement_messages(template, user, list(profile["banned"]), list(profile.get("allowed", [])))
     embedder = StatementEmbedder(embedding_model, device=device)
@@ -102,9 +97,8 @@ def render(pipeline: Any, adapter: Any, user: UserInput, prompts: list[str], sca
         tokens = adapter(embedding)
         for prompt in prompts:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-            with adapter.conditioned(tokens):
-                out = pipeline(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
-                               generator=generator, height=resolution, width=resolution)
+            out = pipeline(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                           height=resolution, width=resolution, cross_attention_kwargs=adapter.attention_kwargs(tokens))
             images.append(out.images[0])
     return images
 
