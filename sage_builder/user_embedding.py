@@ -21,7 +21,7 @@ import numpy as np
 
 from sage_builder.config_base import model_identity
 from sage_builder.errors import ConfigError, StageInputError
-from sage_builder.runtime import is_local_path, resolve_device, resolve_dtype
+from sage_builder.runtime import hub_offline, is_local_path, resolve_device, resolve_dtype
 from sage_builder.templates import PromptTemplate, load_template
 
 if TYPE_CHECKING:
@@ -97,14 +97,13 @@ def embed_profile(setup: EmbeddingSetup, attributes: Mapping[str, Any], banned: 
 
 
 def check_model_available(model: str, key: str = "llm.model") -> None:
-    """A local model folder must exist; a hub id must be in the local cache when offline."""
+    """A local model folder must exist; a hub id must be in the local cache when offline (``HF_HUB_OFFLINE``
+    read as huggingface_hub reads it: 1, true, yes, on)."""
     if is_local_path(model):
         if not (Path(model) / "config.json").exists():
             raise StageInputError(f"{key}: {model} does not exist (no config.json there); run `make models`")
         return
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(model, "config.json"), str):
