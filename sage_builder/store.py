@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
@@ -218,11 +219,19 @@ class ItemCache:
             return []
         return sorted(self.directory.glob("part-*.parquet"))
 
+    def _dataset(self) -> ds.Dataset | None:
+        """Every part as one dataset, in part order; columns a part lacks read as nulls."""
+        parts = self.parts()
+        if not parts:
+            return None
+        schema = pa.unify_schemas([pq.read_schema(part) for part in parts], promote_options="default")
+        return ds.dataset([str(part) for part in parts], schema=schema, format="parquet")
+
     def done_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for part in self.parts():
-            keys.update(pq.read_table(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
-        return keys
+        dataset = self._dataset()
+        if dataset is None:
+            return set()
+        return set(dataset.to_table(columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
 
     def write(self, rows: list[dict[str, Any]] | pa.Table, writer_id: str = "0") -> Path | None:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
@@ -237,12 +246,10 @@ class ItemCache:
 
     def read(self, keys: Iterable[str] | None = None, columns: list[str] | None = None) -> pa.Table | None:
         """All finished items (or only ``keys``), one row per key, in part order."""
-        tables = []
-        for part in self.parts():
-            tables.append(pq.read_table(part, columns=columns))
-        if not tables:
+        dataset = self._dataset()
+        if dataset is None:
             return None
-        table = pa.concat_tables(tables, promote_options="default")
+        table = dataset.to_table(columns=columns)
         seen: set[str] = set()
         wanted = set(keys) if keys is not None else None
         mask = []

@@ -52,6 +52,20 @@ def test_item_cache_resume_and_dedupe(tmp_path):
     assert cache.read(keys=["b", "d", "zzz"]).column("item_key").to_pylist() == ["b", "d"]
 
 
+def test_item_parts_with_different_columns_read_as_one_table(tmp_path):
+    """A part written before a column existed (or with it all null) still reads, in part order."""
+    cache = ItemCache(tmp_path / "items")
+    cache.write([{"item_key": "a", "value": None}], writer_id="0")
+    cache.write([{"item_key": "b", "value": "B", "extra": 1}], writer_id="1")
+    cache.write([{"item_key": "a", "value": "dup", "extra": 2}], writer_id="2")
+    table = cache.read()
+    assert table.column("item_key").to_pylist() == ["a", "b"]
+    assert table.column("value").to_pylist() == [None, "B"] and table.column("extra").to_pylist() == [None, 1]
+    assert table.schema.field("value").type == pa.string()
+    assert cache.read(columns=["item_key", "extra"]).column_names == ["item_key", "extra"]
+    assert cache.done_keys() == {"a", "b"}
+
+
 def test_item_rows_need_a_key(tmp_path):
     with pytest.raises(ValueError, match="item_key"):
         ItemCache(tmp_path).write([{"value": 1}])
