@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         dataset: Annotated[Optional[str], typer.Option(
             help="stage-4 dataset (folder or hub id) for --user/--level (default: the one it was trained on)")] = None,
         embedding_model: Annotated[Optional[str], typer.Option(help="--profile: stage 1's embedding LLM")] = None,
+        config: Annotated[Optional[Path], typer.Option(
+            "--config", "-c", help="--profile: the pipeline stage 1 ran with, for its statement template and "
+                                   "embedding LLM (default: the adapter's run's config.yaml)")] = None,
         model: Annotated[Optional[str], typer.Option(help="base pipeline (default: recorded in the adapter)")] = None,
         scale: Annotated[float, typer.Option(help="adapter scale (0 = base model)")] = 1.0,
         steps: Annotated[int, typer.Option(help="sampling steps")] = 30,
@@ -41,6 +44,7 @@ def register(app: typer.Typer) -> None:
         from sage_builder.stages.train.generate import (
             compose_grid,
             load_for_inference,
+            profile_embedding_setup,
             render,
             user_from_profile,
             users_from_dataset,
@@ -57,7 +61,7 @@ def register(app: typer.Typer) -> None:
                 raise SageError("--user/--level/--grid need --dataset (the adapter config records none)")
             users += users_from_dataset(source, user_ids=list(user or []), levels=list(level or []), all_levels=grid)
         if profile:
-            users.append(user_from_profile(profile, embedding_model, device))
+            users.append(user_from_profile(profile, profile_embedding_setup(adapter, config, embedding_model, device)))
         size = resolution or int(user_adapter.config.training.get("resolution") or 0) or \
             int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor
         rows = [(u.label, render(pipeline, user_adapter, u, prompt, scale, steps, guidance, seed, size)) for u in users]

@@ -2,20 +2,22 @@
 
 The adapter is installed on the base pipeline's UNet; the user embedding comes from the stage-4
 dataset's ``users`` config (by user id or strictness level 0-5), or is computed for a new profile
-with the shared ``sage_builder.user_embedding`` code stage 1 uses (same LLM, mean pooling).
+with the shared ``sage_builder.user_embedding`` code stage 1 uses (the run's statement template and LLM,
+mean pooling).
 Classifier-free guidance gives the unconditional branch the same user tokens (see adapter.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sage_builder.errors import SageError
+from sage_builder.user_embedding import EmbeddingSetup, embed_profile
 
 
 @dataclass
@@ -54,30 +56,39 @@ def users_from_dataset(source: str, user_ids: list[str] | None = None, levels: l
     return out
 
 
-def user_from_profile(profile_path: Path, embedding_model: str | None, device: str = "auto") -> UserInput:
-    """Embed a profile JSON (age, age_group, gender, religion, physical/mental condition, banned, allowed)
-    exactly as stage 1 does: its statement template, its LLM, mean pooling over the prompt."""
+def profile_embedding_setup(adapter_dir: Path, config_path: Path | None, embedding_model: str | None,
+                            device: str = "auto") -> EmbeddingSetup:
+    """How ``--profile`` is embedded: stage 1's settings (statement template, embedding model, dtype) from
+    ``config_path``, else from the adapter's run (``RUN/config.yaml`` beside ``RUN/train/adapter``);
+    ``--embedding-model`` overrides the model; without either config, the shipped template."""
+    from sage_builder.config import load_config, project_file
+
+    saved = Path(adapter_dir).resolve().parent.parent / "config.yaml"
+    config_path = config_path or (saved if saved.exists() else None)
+    if config_path is not None:
+        setup = EmbeddingSetup.from_config(load_config(config_path))
+        if embedding_model and embedding_model != setup.model:
+            setup = replace(setup, model=embedding_model, revision=None, gguf_file=None)
+        return replace(setup, device=device)
     if not embedding_model:
-        raise SageError("--profile needs --embedding-model (the LLM stage 1 embedded users with, e.g. "
-                        ".cache/models/smollm2-135m-instruct for the demo)")
+        raise SageError("--profile needs --config (the pipeline stage 1 ran with; default: the adapter's run's "
+                        "config.yaml, not found) or --embedding-model (e.g. .cache/models/smollm2-135m-instruct)")
+    return EmbeddingSetup(embedding_model, None, None, device, "auto", project_file("prompts", "user_statement.txt"))
+
+
+def user_from_profile(profile_path: Path, setup: EmbeddingSetup) -> UserInput:
+    """Embed a profile JSON (age, age_group, gender, religion, physical/mental condition, banned, allowed)
+    exactly as stage 1 does: the shared statement -> embedding path with the run's template and LLM."""
     try:
         profile = json.loads(Path(profile_path).read_text())
     except (OSError, ValueError) as exc:
         raise SageError(f"{profile_path}: cannot read the profile JSON ({exc})") from None
-    from sage_builder.config import project_file
-    from sage_builder.templates import load_template
-    from sage_builder.user_embedding import StatementEmbedder, statement_messages
-
     fields = ["age", "age_group", "gender", "religion", "physical_condition", "mental_condition"]
     missing = [f for f in fields + ["banned"] if f not in profile]
     if missing:
         raise SageError(f"{profile_path}: the profile lacks {missing[0]} (needs {', '.join(fields)}, banned, allowed)")
-    user = {f: profile[f] for f in fields}
-    template = load_template(project_file("prompts", "user_statement.txt"))
-    messages = statement_messages(template, user, list(profile["banned"]), list(profile.get("allowed", [])))
-    embedder = StatementEmbedder(embedding_model, device=device)
-    vector = embedder.embed([messages])[0]
-    embedder.close()
+    vector = embed_profile(setup, {f: profile[f] for f in fields}, list(profile["banned"]),
+                           list(profile.get("allowed", [])))
     return UserInput(f"profile {Path(profile_path).stem}", vector)
 
 
