@@ -21,9 +21,10 @@ def tiny_sdxl():
     return pipe
 
 
-def _render(pipe, prompts=("a cat", "a dog")):
-    return pipe(list(prompts), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                output_type="np", height=64, width=64).images
+def _render(pipe, prompts=("a cat", "a dog"), kwargs=None):
+    with torch.no_grad():
+        return pipe(list(prompts), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np", height=64, width=64, cross_attention_kwargs=kwargs).images
 
 
 def test_install_remove_leaves_unet_unchanged(tiny_sdxl):
@@ -49,30 +50,27 @@ def test_zero_init_adapter_output_equals_base_exactly(tiny_sdxl):
     adapter = UserAdapter.for_unet(tiny_sdxl.unet, embedding_dim=16, n_tokens=4)
     adapter.install(tiny_sdxl.unet)
     try:
-        with torch.no_grad(), adapter.conditioned(adapter(torch.randn(1, 16))):
-            zero_init = _render(tiny_sdxl)
+        zero_init = _render(tiny_sdxl, kwargs=adapter.attention_kwargs(adapter(torch.randn(1, 16))))
         assert (zero_init == base).all()
         for branch in adapter.branches.values():
             torch.nn.init.normal_(branch.to_v.weight, std=0.1)
             torch.nn.init.normal_(branch.to_k.weight, std=0.1)
-        with torch.no_grad(), adapter.conditioned(adapter(torch.randn(1, 16))):
-            trained = _render(tiny_sdxl)
+        trained = _render(tiny_sdxl, kwargs=adapter.attention_kwargs(adapter(torch.randn(1, 16))))
         assert not (trained == base).all()
-        with torch.no_grad(), adapter.disabled():  # the DPO reference: exactly the base UNet
-            assert (_render(tiny_sdxl) == base).all()
+        # The DPO reference: exactly the base UNet.
+        assert (_render(tiny_sdxl, kwargs=adapter.reference_kwargs()) == base).all()
         adapter.set_scale(0.0)
-        with torch.no_grad(), adapter.conditioned(adapter(torch.randn(1, 16))):
-            assert (_render(tiny_sdxl) == base).all()
+        assert (_render(tiny_sdxl, kwargs=adapter.attention_kwargs(adapter(torch.randn(1, 16)))) == base).all()
     finally:
         adapter.remove()
     assert (_render(tiny_sdxl) == base).all()
 
 
-def test_forward_outside_a_context_is_an_error(tiny_sdxl):
+def test_forward_without_user_tokens_is_an_error(tiny_sdxl):
     adapter = UserAdapter.for_unet(tiny_sdxl.unet, embedding_dim=16)
     adapter.install(tiny_sdxl.unet)
     try:
-        with pytest.raises(SageError, match="outside"):
+        with pytest.raises(SageError, match="without user tokens"):
             _render(tiny_sdxl, ("x",))
     finally:
         adapter.remove()
@@ -98,9 +96,10 @@ def test_save_load_roundtrip_onto_saved_sdxl_and_sd15(tmp_path, models_dir):
         outputs = []
         for candidate in (adapter, loaded):
             candidate.install(pipe.unet)
-            with torch.no_grad(), candidate.conditioned(candidate(embedding)):
+            with torch.no_grad():
                 outputs.append(pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                                    output_type="np", height=64, width=64).images)
+                                    output_type="np", height=64, width=64,
+                                    cross_attention_kwargs=candidate.attention_kwargs(candidate(embedding))).images)
             candidate.remove()
         assert (outputs[0] == outputs[1]).all()
 

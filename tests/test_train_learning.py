@@ -40,9 +40,9 @@ def fit_base_denoiser(trainer: AdapterTrainer, records, steps: int, seed: int = 
         timesteps = torch.randint(0, 1000, (batch.latents.shape[0],), generator=gen)
         noisy = frozen.noise_scheduler.add_noise(batch.latents, noise, timesteps)
         added = frozen.added_cond(torch.cat([batch.pooled] * 2), torch.cat([batch.time_ids] * 2))
-        with trainer.adapter.disabled():
-            pred = unet(noisy, timesteps, encoder_hidden_states=torch.cat([batch.text_embeds] * 2),
-                        added_cond_kwargs=added, return_dict=False)[0]
+        pred = unet(noisy, timesteps, encoder_hidden_states=torch.cat([batch.text_embeds] * 2),
+                    added_cond_kwargs=added, cross_attention_kwargs=trainer.adapter.reference_kwargs(),
+                    return_dict=False)[0]
         loss = ((pred - noise) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()

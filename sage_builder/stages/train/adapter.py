@@ -11,11 +11,16 @@ cross-attention over those tokens in every cross-attention layer of the UNet (IP
   installing them never adds parameters to the UNet's ``state_dict`` and never changes its dtype.
   ``remove`` puts the original processors back.
 
-How user tokens reach the processors: a ``UserContext`` shared by the adapter's processors.
-``with adapter.conditioned(tokens):`` sets them for the forward passes inside the block,
-``with adapter.disabled():`` makes every processor behave exactly like the base layer (the
-reference model of Diffusion-DPO). Outside both blocks a forward pass is an error, so a missing
-user can never silently become "no user".
+How user tokens reach the processors: through the call, as diffusers' IP-Adapter processors get
+their extra tokens. The UNet is called with ``cross_attention_kwargs=adapter.attention_kwargs(tokens)``
+(the policy) or ``adapter.reference_kwargs()`` (every processor behaves exactly like the base
+layer: the reference model of Diffusion-DPO); a pipeline takes the same ``cross_attention_kwargs``.
+diffusers hands these kwargs down every block to every attention processor, and a gradient-
+checkpointed block recomputes its forward pass from the arguments it was called with, so the tokens
+are there again during the recompute (``train.gradient_checkpointing``). There is no shared state:
+a forward pass without either kwarg is an error, so a missing user can never silently become
+"no user". The kwarg's name is ``ip_hidden_states``, the one diffusers reserves for IP-Adapter
+tokens: its self-attention processors ignore it without a warning.
 
 Batch rule: the tokens' batch B_u must equal the UNet batch B, or divide it, in which case the
 tokens are tiled. Classifier-free guidance concatenates [unconditional; conditional], so tiling
@@ -26,9 +31,7 @@ empty-caption-plus-user input is one the adapter was trained on.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,17 @@ from sage_builder.errors import SageError
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+TOKENS_KWARG = "ip_hidden_states"
+
+
+class _AdapterOff:
+    """The value of ``TOKENS_KWARG`` that switches the user branch off (the base UNet, exactly)."""
+
+    def __repr__(self) -> str:
+        return "ADAPTER_OFF"
+
+
+ADAPTER_OFF = _AdapterOff()
 
 
 @dataclass
@@ -84,26 +98,16 @@ class UserBranch(nn.Module):
         nn.init.zeros_(self.to_v.weight)
 
 
-class UserContext:
-    """What the processors of one adapter read during a forward pass."""
-
-    def __init__(self) -> None:
-        self.tokens: torch.Tensor | None = None
-        self.enabled: bool | None = None  # None: neither conditioned nor disabled
-
-
 class UserAttnProcessor:
     """AttnProcessor2_0 plus attention over the user tokens (cross-attention layers only)."""
 
-    def __init__(self, name: str, branch: UserBranch, context: UserContext, scale: float):
+    def __init__(self, name: str, branch: UserBranch, scale: float):
         self.name = name
         self.branch = branch
-        self.context = context
         self.scale = scale
 
-    def _user_tokens(self, batch_size: int) -> torch.Tensor:
-        tokens = self.context.tokens
-        assert tokens is not None
+    @staticmethod
+    def _user_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
         if tokens.shape[0] == batch_size:
             return tokens
         if batch_size % tokens.shape[0] == 0:
@@ -112,9 +116,11 @@ class UserAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.context.enabled is None:
-            raise SageError("user adapter: UNet called outside `adapter.conditioned(...)` or `adapter.disabled()`")
+                 *args: Any, ip_hidden_states: torch.Tensor | _AdapterOff | None = None, **kwargs: Any
+                 ) -> torch.Tensor:
+        if ip_hidden_states is None:
+            raise SageError("user adapter: UNet called without user tokens; pass cross_attention_kwargs="
+                            "adapter.attention_kwargs(tokens), or adapter.reference_kwargs() for the base model")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -151,8 +157,8 @@ class UserAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        if self.context.enabled:
-            tokens = self._user_tokens(batch_size)
+        if ip_hidden_states is not ADAPTER_OFF:
+            tokens = self._user_tokens(ip_hidden_states, batch_size)
             user_key = self.branch.to_k(tokens.to(self.branch.to_k.weight.dtype)).to(query.dtype)
             user_value = self.branch.to_v(tokens.to(self.branch.to_v.weight.dtype)).to(query.dtype)
             user_key = user_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -199,7 +205,6 @@ class UserAdapter(nn.Module):
         self.projection = UserProjection(config.embedding_dim, config.n_tokens, config.cross_attention_dim)
         self.branches = nn.ModuleDict({_key(name): UserBranch(config.cross_attention_dim, dim)
                                        for name, dim in zip(config.layers, config.layer_dims)})
-        self.context = UserContext()
         self.scales = {name: float(config.scale) for name in config.layers}
         self._installed: tuple[Any, dict[str, Any]] | None = None
 
@@ -227,7 +232,7 @@ class UserAdapter(nn.Module):
         self.scales.update(updates)
         if self._installed is not None:
             for name, processor in self._installed[0].attn_processors.items():
-                if isinstance(processor, UserAttnProcessor) and processor.context is self.context:
+                if isinstance(processor, UserAttnProcessor) and processor.branch is self.branches[_key(name)]:
                     processor.scale = self.scales[name]
 
     def install(self, unet: Any) -> None:
@@ -239,7 +244,7 @@ class UserAdapter(nn.Module):
             raise SageError(f"user adapter: the UNet has no layer {missing[0]} (adapter made for another backbone?)")
         processors = dict(original)
         for name in self.config.layers:
-            processors[name] = UserAttnProcessor(name, self.branches[_key(name)], self.context, self.scales[name])
+            processors[name] = UserAttnProcessor(name, self.branches[_key(name)], self.scales[name])
         unet.set_attn_processor(dict(processors))  # set_attn_processor pops from the dict it is given
         self._installed = (unet, original)
 
@@ -250,22 +255,15 @@ class UserAdapter(nn.Module):
         unet.set_attn_processor(dict(original))
         self._installed = None
 
-    @contextlib.contextmanager
-    def _using(self, tokens: torch.Tensor | None, enabled: bool) -> Iterator[None]:
-        previous = (self.context.tokens, self.context.enabled)
-        self.context.tokens, self.context.enabled = tokens, enabled
-        try:
-            yield
-        finally:
-            self.context.tokens, self.context.enabled = previous
+    def attention_kwargs(self, tokens: torch.Tensor) -> dict[str, Any]:
+        """``cross_attention_kwargs`` for a UNet or pipeline call that attends to these user tokens
+        (B_u, n_tokens, D)."""
+        return {TOKENS_KWARG: tokens}
 
-    def conditioned(self, tokens: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        """Forward passes inside the block attend to these user tokens (B_u, n_tokens, D)."""
-        return self._using(tokens, True)
-
-    def disabled(self) -> contextlib.AbstractContextManager[None]:
-        """Forward passes inside the block are exactly the base UNet's (the DPO reference)."""
-        return self._using(None, False)
+    @staticmethod
+    def reference_kwargs() -> dict[str, Any]:
+        """``cross_attention_kwargs`` for a call that is exactly the base UNet's (the DPO reference)."""
+        return {TOKENS_KWARG: ADAPTER_OFF}
 
     def save(self, directory: Path | str, **training: Any) -> Path:
         from safetensors.torch import save_file

@@ -69,6 +69,9 @@ class TrainConfig(StrictModel):
                              "(false: start over and delete them)")
     stop_at_step: int | None = execution(None, ge=1, description="stop after this step with a checkpoint, "
                                          "to split a run across jobs (the stage is then not done)")
+    gradient_checkpointing: bool = execution(
+        False, description="recompute the UNet's activations in backward instead of storing them: less GPU "
+        "memory, a slower step, the same loss and gradients (to float tolerance)")
     cache_latents: bool = execution(True, description="VAE-encode each distinct image once (false: every step)")
     cache_text: bool = execution(True, description="encode each distinct caption once (false: every step)")
     log_every: int = execution(10, ge=1)

@@ -144,9 +144,8 @@ class PolicyUNet(nn.Module):
     def forward(self, user_embedding: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
                 text_embeds: torch.Tensor, added_cond: dict[str, torch.Tensor] | None) -> torch.Tensor:
         tokens = self.adapter(user_embedding)
-        with self.adapter.conditioned(tokens):
-            return self._unet(noisy, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond,
-                              return_dict=False)[0]
+        return self._unet(noisy, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond,
+                          cross_attention_kwargs=self.adapter.attention_kwargs(tokens), return_dict=False)[0]
 
 
 def dpo_loss(policy_pred: torch.Tensor, reference_pred: torch.Tensor, target: torch.Tensor, beta: float
@@ -234,6 +233,10 @@ class AdapterTrainer:
                                                 backbone=config.backbone, base_model=model_id, dataset=data.source)
         self.adapter.to(self.accelerator.device, torch.float32)
         self.adapter.install(self.frozen.unet)
+        if config.gradient_checkpointing:
+            # Recomputes each block's activations in backward instead of keeping them; the user tokens
+            # travel in the call (cross_attention_kwargs), so the recompute sees them too.
+            self.frozen.unet.enable_gradient_checkpointing()
         self.state = TrainerState(config.seed)
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -352,9 +355,11 @@ class AdapterTrainer:
         user = torch.cat([batch.user_embedding, batch.user_embedding]).to(device)
         with self.accelerator.autocast():
             policy_pred = policy(user, noisy.to(dtype), timesteps, text, added)
-            with torch.no_grad(), self.adapter.disabled():
+            with torch.no_grad():
                 reference_pred = self.frozen.unet(noisy.to(dtype), timesteps, encoder_hidden_states=text,
-                                                  added_cond_kwargs=added, return_dict=False)[0]
+                                                  added_cond_kwargs=added,
+                                                  cross_attention_kwargs=self.adapter.reference_kwargs(),
+                                                  return_dict=False)[0]
         return dpo_loss(policy_pred, reference_pred, target, self.config.beta)
 
     # ----- checkpoints --------------------------------------------------------------------------
@@ -512,6 +517,8 @@ class AdapterTrainer:
 
     def close(self) -> None:
         self.adapter.remove()
+        if self.config.gradient_checkpointing:
+            self.frozen.unet.disable_gradient_checkpointing()
         if self.accelerator.num_processes == 1:
             reset_accelerate()
 
