@@ -84,12 +84,13 @@ def run_one(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one stage (resumes from finished items if it was interrupted)."""
-    from sage_builder.stages.base import run_stage
+    from sage_builder.stages.base import run_stage, stage_options
 
     setup_logging(verbose)
     stage = get_stage(name)
+    options = stage_options(stage, {"contact_sheet": contact_sheet} if contact_sheet else None)
     config, run = _prepare_run(config_path, run_dir, overrides, check=stage)
-    run_stage(stage, config, run, force=force, options={"contact_sheet": contact_sheet})
+    run_stage(stage, config, run, force=force, options=options)
 
 
 def _status_rows(run: RunDir, config: PipelineConfig | None) -> list[dict[str, Any]]:
@@ -166,13 +167,12 @@ def plan(
                "gpu_seconds": p.gpu_seconds, "cpu_seconds": None, "notes": list(p.notes)}
         cost = costs.get(stage.name)
         if cost is not None:
-            count = p.llm_calls if stage.name in ("profiles", "prompts") else p.items
-            unit = "LLM call" if stage.name in ("profiles", "prompts") else "image"
+            count = cost.planned_units(p)
             if count:
                 key = "gpu_seconds" if cost.gpus else "cpu_seconds"
                 row["gpu_seconds"] = None
                 row[key] = round(count * cost.seconds * max(cost.gpus, 1.0), 1)
-                row["notes"] = [n for n in row["notes"] if "GPU-s per image" not in n] + [cost.describe(unit)]
+                row["notes"] = [n for n in row["notes"] if "GPU-s per image" not in n] + [cost.describe()]
         rows.append(row)
     gpu_total = sum(r["gpu_seconds"] or 0 for r in rows)
     summary: dict[str, Any] = {"gpu_hours": round(gpu_total / 3600, 2)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,3 +98,25 @@ def test_help_for_every_command(path):
 def test_core_commands_exist():
     names = {p[0] for p in COMMANDS if p}
     assert {"run", "stage", "status", "plan", "models"} <= names
+
+
+def test_stage_knowledge_lives_in_the_stages():
+    """Numbers come from STAGE_ORDER, LLM stages say so themselves, options are typed per stage."""
+    from sage_builder.stages import STAGE_ORDER, all_stages
+
+    stages = all_stages()
+    assert [s.number for s in stages] == list(range(1, len(STAGE_ORDER) + 1))
+    assert all("number" not in type(s).__dict__ for s in stages)
+    assert [s.name for s in stages if s.uses_llm] == ["profiles", "prompts"]
+    assert {s.name: sorted(f.name for f in fields(s.options_type)) for s in stages if fields(s.options_type)} == {
+        "prompts": ["llm_backend"], "render": ["contact_sheet"]}
+
+
+def test_an_option_a_stage_does_not_take_is_one_line_and_writes_nothing(tmp_path):
+    config = REPO / "pipelines" / "demo.yaml"
+    result = runner.invoke(app, ["stage", "label", "--config", str(config), "--run-dir", str(tmp_path / "run"),
+                                 "--contact-sheet", "2"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: stage 'label' has no option 'contact_sheet' (its options: none)"]
+    assert not (tmp_path / "run").exists()

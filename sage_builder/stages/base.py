@@ -12,12 +12,14 @@ import os
 import shutil
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
+from sage_builder.errors import SageError
+from sage_builder.planning import MeasuredCost, llm_usage_cost
 from sage_builder.store import Manifest, RunDir, StageDir, file_sha256, package_versions, stable_hash, write_parquet
 
 if TYPE_CHECKING:
@@ -37,12 +39,18 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StageOptions:
+    """Choices made per invocation (a contact sheet to draw, a backend a test injects): never part of
+    the configuration, never hashed. A stage that takes some subclasses this and sets ``options_type``."""
+
+
 @dataclass
 class StageContext:
     config: PipelineConfig
     run: RunDir
     stage_dir: StageDir
-    options: dict[str, Any] = field(default_factory=dict)
+    options: StageOptions = field(default_factory=StageOptions)
     outputs: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -68,12 +76,24 @@ class StageContext:
 
 
 class Stage(ABC):
+    """One step of the pipeline. A new stage is a package ``sage_builder/stages/<name>/`` whose
+    ``stage.py`` defines ``STAGE``, a config section of the same name, and its entry in ``STAGE_ORDER``."""
+
     name: ClassVar[str]
-    number: ClassVar[int]
     inputs: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     # Whether ``executor: ray`` moves this stage's work to a Ray cluster (stages 1-3).
     distributed: ClassVar[bool] = False
+    # Whether the stage sends LLM requests: its plan counts ``llm_calls``, its manifest ``llm_usage``.
+    uses_llm: ClassVar[bool] = False
+    options_type: ClassVar[type[StageOptions]] = StageOptions
+
+    @property
+    def number(self) -> int:
+        """1-based position in ``STAGE_ORDER``, the one list of stages."""
+        from sage_builder.stages import STAGE_ORDER
+
+        return STAGE_ORDER.index(self.name) + 1
 
     def config_section(self, config: PipelineConfig) -> Any:
         """The part of the config that determines this stage's output (execution fields are dropped)."""
@@ -96,11 +116,16 @@ class Stage(ABC):
     def plan(self, config: PipelineConfig) -> StagePlan:
         return StagePlan(items=0)
 
+    def measured_cost(self, run: RunDir, pilot: PipelineConfig) -> MeasuredCost | None:
+        """Device-seconds per planned unit this stage measured in a finished pilot run (``sage plan
+        --measured``); None when it measured nothing. LLM stages: from their manifest's ``llm_usage``."""
+        return llm_usage_cost(self, run, pilot) if self.uses_llm else None
+
     @abstractmethod
     def run(self, ctx: StageContext) -> None:
         """Compute and write the outputs through ``ctx``; resumable at item granularity."""
 
-    def extras(self, run: RunDir, config: PipelineConfig, options: dict[str, Any]) -> None:
+    def extras(self, run: RunDir, config: PipelineConfig, options: StageOptions) -> None:
         """Optional viewing aids asked for on the command line (e.g. a contact sheet), made after the
         stage ran or was found up to date; they are not outputs and not in the manifest."""
 
@@ -173,10 +198,24 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir) -> St
                        manifest.finished_at, manifest.seconds, reason, report)
 
 
+def stage_options(stage: Stage, options: StageOptions | dict[str, Any] | None) -> StageOptions:
+    """The stage's typed options, from an options object or keyword values; an unknown one is an error."""
+    if isinstance(options, StageOptions):
+        return options
+    given = dict(options or {})
+    known = {f.name for f in fields(stage.options_type)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise SageError(f"stage '{stage.name}' has no option '{unknown[0]}' "
+                        f"(its options: {', '.join(sorted(known)) or 'none'})")
+    return stage.options_type(**given)
+
+
 def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = False,
-              options: dict[str, Any] | None = None) -> Manifest:
+              options: StageOptions | dict[str, Any] | None = None) -> Manifest:
     """Run one stage unless its manifest already matches; write the manifest last."""
     stage_dir = run.stage(stage.name)
+    opts = stage_options(stage, options)
     if stage.distributed and config.executor == "ray":
         from sage_builder.executors.ray_cluster import import_ray
 
@@ -187,14 +226,14 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
     if existing is not None and not force and existing.fingerprint == value:
         if all(stage_dir.file(rel).exists() for rel in existing.outputs):
             log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
-            stage.extras(run, config, dict(options or {}))
+            stage.extras(run, config, opts)
             return existing
     if existing is not None:
         stage_dir.invalidate()
     if force:
         shutil.rmtree(stage_dir.path / "_items", ignore_errors=True)
     started = time.time()
-    ctx = StageContext(config=config, run=run, stage_dir=stage_dir, options=dict(options or {}))
+    ctx = StageContext(config=config, run=run, stage_dir=stage_dir, options=opts)
     ctx.models = stage.model_ids(config)
     stage.run(ctx)
     described = stage_dir.describe_outputs(ctx.outputs)

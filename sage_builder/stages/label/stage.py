@@ -45,7 +45,6 @@ def write_users(root: Path, profiles: pq.ParquetFile, shard_rows: int) -> SplitW
 
 class LabelStage(Stage):
     name = "label"
-    number = 4
     inputs = ("profiles", "prompts", "render")
     summary = "per-user preference records, splits and the Hub-layout dataset directory"
 

@@ -63,8 +63,8 @@ def _config_source(config: PipelineConfig) -> str:
 
 class ProfilesStage(Stage):
     name = "profiles"
-    number = 1
     distributed = True
+    uses_llm = True
     inputs = ()
     summary = "simulated users: demographics, banned categories, embedding, clusters, splits"
 

@@ -29,7 +29,7 @@ class StageLLM:
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
-        self.backend: LLMBackend | None = ctx.options.get("llm_backend")
+        self.backend: LLMBackend | None = ctx.options.llm_backend  # type: ignore[attr-defined]
         self.owned = False
 
     def get(self) -> LLMBackend:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -27,7 +28,7 @@ import pyarrow as pa
 from sage_builder.config import hashable_dump
 from sage_builder.errors import StageInputError
 from sage_builder.llm.base import reply_settings
-from sage_builder.stages.base import Stage, StageContext, StagePlan, template_hashes
+from sage_builder.stages.base import Stage, StageContext, StageOptions, StagePlan, template_hashes
 from sage_builder.stages.prompts.concepts import load_seeds, load_synonyms
 from sage_builder.stages.prompts.pairs import PAIR_SCHEMA, REJECT_SCHEMA, pair_rounds
 from sage_builder.stages.prompts.pool import build_concept_pools
@@ -38,6 +39,7 @@ from sage_builder.templates import load_template
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
+    from sage_builder.llm.base import LLMBackend
     from sage_builder.store import RunDir
 
 TEMPLATE_VARIABLES = {
@@ -52,10 +54,16 @@ DROPPED_SCHEMA = pa.schema([("category", pa.string()), ("concept", pa.string()),
                             ("reason", pa.string()), ("duplicate_of", pa.string())])
 
 
+@dataclass(frozen=True)
+class PromptsOptions(StageOptions):
+    llm_backend: LLMBackend | None = None  # a backend to use instead of the configured one (tests)
+
+
 class PromptsStage(Stage):
     name = "prompts"
-    number = 2
     distributed = True
+    uses_llm = True
+    options_type = PromptsOptions
     inputs = ()  # needs only config.categories, not the profiles
     summary = "concept pool per category and (p_h, p_s) prompt pairs"
 

@@ -51,7 +51,6 @@ def warn_if_public(private: bool, repo_id: str | None) -> None:
 
 class PublishStage(Stage):
     name = "publish"
-    number = 5
     inputs = ("label",)
     summary = "push the dataset to a Hub dataset repo (private by default) in one commit, then verify it"
 
@@ -70,8 +69,7 @@ class PublishStage(Stage):
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.publish
         files = local_files(ctx.run, cfg.include_manifests)
-        dry_run = bool(ctx.options.get("dry_run")) or cfg.repo_id is None
-        if dry_run:
+        if cfg.repo_id is None:  # `sage publish --dry-run` plans against the Hub without running the stage
             plan = hub.plan_publish(files, cfg.repo_id, cfg.revision, api=None)  # the demo never touches the network
             self._write_json(ctx, "plan.json", plan.to_json())
             ctx.stats.update({"dry_run": True, **plan.summary()})

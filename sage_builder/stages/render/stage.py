@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
 from sage_builder.errors import StageInputError
-from sage_builder.stages.base import Stage, StageContext, StagePlan
+from sage_builder.stages.base import Stage, StageContext, StageOptions, StagePlan
 from sage_builder.stages.render.shards import PlannedImage, assemble_shards
 from sage_builder.store import RunDir
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
+    from sage_builder.planning import MeasuredCost
     from sage_builder.stages.render.engine import ImageJob, RenderSettings
 
 log = logging.getLogger("sage.render")
@@ -79,10 +81,15 @@ def n_workers(config_workers: int | None, device: str) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class RenderOptions(StageOptions):
+    contact_sheet: int = 0  # also write a PNG grid of this many pairs (a viewing aid, not an output)
+
+
 class RenderStage(Stage):
     name = "render"
-    number = 3
     distributed = True
+    options_type = RenderOptions
     inputs = ("prompts",)
     summary = "render both images of every prompt pair with SDXL (or SD1.5)"
 
@@ -160,8 +167,23 @@ class RenderStage(Stage):
             **executor,
         })
 
-    def extras(self, run: RunDir, config: PipelineConfig, options: dict[str, Any]) -> None:
-        n = int(options.get("contact_sheet") or 0)
+    def measured_cost(self, run: RunDir, pilot: PipelineConfig) -> MeasuredCost | None:
+        """Render-seconds x workers per image rendered now (images from the item cache cost nothing)."""
+        from sage_builder.planning import MeasuredCost
+
+        manifest = run.stage(self.name).read_manifest()
+        stats = manifest.stats if manifest is not None else {}
+        written = stats.get("rendered_now") or 0
+        workers = stats.get("ray_workers") or stats.get("workers") or 1
+        if not written or not stats.get("render_seconds"):
+            return None
+        device = str(stats.get("device", "cpu"))
+        return MeasuredCost(stats["render_seconds"] * workers / written, 1.0 if device.startswith("cuda") else 0.0,
+                            device, f"{run.root}/render ({written} images on {workers} {device} worker(s))",
+                            unit="image")
+
+    def extras(self, run: RunDir, config: PipelineConfig, options: RenderOptions) -> None:  # type: ignore[override]
+        n = options.contact_sheet
         if n > 0:
             from sage_builder.stages.render.contact_sheet import write_contact_sheet
 

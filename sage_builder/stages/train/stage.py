@@ -33,7 +33,6 @@ def dataset_source(config: PipelineConfig, run: RunDir) -> str:
 
 class TrainStage(Stage):
     name = "train"
-    number = 6
     inputs = ("label",)
     summary = "user adapter trained with Diffusion-DPO; levels x prompts grid"
 
