@@ -83,9 +83,7 @@ for place in (render, transformers_llm, profile_embedder, prompts_clip_tokenizer
 print("RESULTS " + json.dumps(results))
 '''
 
-PLACES = ["render", "transformers_llm", "profile_embedder", pytest.param("prompts_clip_tokenizer", marks=pytest.mark.xfail(
-    strict=True, reason="transformers 5 answers CLIPTokenizer.from_pretrained(<uncached id>, local_files_only=True) "
-    "with a 2-token tokenizer instead of an error, and clip_tokens.py accepts it")), "train_pipeline"]
+PLACES = ["render", "transformers_llm", "profile_embedder", "prompts_clip_tokenizer", "train_pipeline"]
 
 
 @pytest.fixture(scope="module")

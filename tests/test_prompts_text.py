@@ -117,3 +117,13 @@ def test_clip_tokenizer_of_a_hub_id_follows_huggingface_hubs_offline_flag(monkey
     with pytest.raises(StageInputError, match="^render.model: no CLIP tokenizer"):
         ClipTokenCounter("stabilityai/stable-diffusion-xl-base-1.0").load()
     assert asked == [offline]  # tokenizer/ failed: the stage stops there
+
+
+def test_a_tokenizer_folder_without_vocabulary_is_an_error_not_an_empty_tokenizer(tmp_path: Path) -> None:
+    """transformers 5 builds a 2-token tokenizer from missing files; counting with it would be silent nonsense."""
+    from sage_builder.errors import StageInputError
+    from sage_builder.stages.prompts.clip_tokens import ClipTokenCounter
+
+    (tmp_path / "model" / "tokenizer").mkdir(parents=True)
+    with pytest.raises(StageInputError, match="^prompts.clip_tokenizer: no CLIP tokenizer"):
+        ClipTokenCounter(str(tmp_path / "model"), key="prompts.clip_tokenizer").load()
