@@ -127,3 +127,16 @@ def test_a_tokenizer_folder_without_vocabulary_is_an_error_not_an_empty_tokenize
     (tmp_path / "model" / "tokenizer").mkdir(parents=True)
     with pytest.raises(StageInputError, match="^prompts.clip_tokenizer: no CLIP tokenizer"):
         ClipTokenCounter(str(tmp_path / "model"), key="prompts.clip_tokenizer").load()
+
+
+def test_an_sd15_folder_counts_with_its_one_tokenizer(models_dir: Path) -> None:
+    """No tokenizer_2/ (SD1.5): the empty stand-in transformers builds for it must not join the count."""
+    from transformers import CLIPTokenizer
+
+    from sage_builder.stages.prompts.clip_tokens import ClipTokenCounter
+
+    folder = models_dir / "tiny-sd15"
+    counter = ClipTokenCounter(str(folder)).load()
+    only = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    text = "A quiet harbor market at dawn, fishermen sorting nets under grey clouds, oil painting style."
+    assert counter.count(text) == len(only(text)["input_ids"])
