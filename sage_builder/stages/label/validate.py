@@ -38,6 +38,7 @@ CHECKS = {
 class Report:
     problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     counts: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, str] = field(default_factory=lambda: CHECKS)  # kinds, in the order lines() lists them
 
     def add(self, kind: str, message: str) -> None:
         self.problems[kind].append(message)
@@ -48,20 +49,20 @@ class Report:
 
     def lines(self, limit: int = 50) -> list[str]:
         out = []
-        for kind in CHECKS:
+        for kind in self.checks:
             items = self.problems.get(kind, [])
             for message in items[:limit]:
                 out.append(f"{kind}: {message}")
             if len(items) > limit:
                 out.append(f"{kind}: ... and {len(items) - limit} more")
         total = sum(len(v) for v in self.problems.values())
-        summary = ", ".join(f"{k}={len(self.problems[k])}" for k in CHECKS if self.problems.get(k))
+        summary = ", ".join(f"{k}={len(self.problems[k])}" for k in self.checks if self.problems.get(k))
         out.append(f"{total} problem(s): {summary}" if total else
                    "ok: " + ", ".join(f"{k}={v}" for k, v in self.counts.items()))
         return out
 
 
-def _decodes(data: bytes | None) -> str | None:
+def decode_error(data: bytes | None) -> str | None:
     from PIL import Image
 
     if not data:
@@ -110,7 +111,7 @@ def _check_users(root: Path, report: Report, vocabulary: set[str], dim: int | No
 def _check_pair_images(report: Report, where: str, rec: dict[str, Any]) -> None:
     for variant in ("unsafe", "safe"):
         data = (rec[f"image_{variant}"] or {}).get("bytes")
-        error = _decodes(data)
+        error = decode_error(data)
         if error:
             report.add("image", f"{where}: image_{variant} does not decode ({error})")
         elif hashlib.sha256(data).hexdigest() != rec[f"sha256_{variant}"]:
