@@ -12,11 +12,12 @@ from sage_builder.config import config_from_dict
 from sage_builder.stages.base import run_stage
 from sage_builder.stages.prompts.fixtures import save_word_clip_tokenizer
 from sage_builder.stages.prompts.stage import STAGE
+from sage_builder.stages.prompts.text import scene_similarity
 from sage_builder.store import RunDir
 
-REASONS = {"refusal", "too_short", "clip_tokens_unsafe", "clip_tokens_safe", "copies_example", "identical",
-           "edit_similarity_high", "edit_similarity_low", "concept_term_in_safe", "near_duplicate", "truncated",
-           "invalid_json", "schema", "constraint_error"}
+REASONS = {"refusal", "too_short", "template_residue", "clip_tokens_unsafe", "clip_tokens_safe", "copies_example",
+           "identical", "edit_similarity_high", "scene_similarity_low", "concept_term_in_safe", "near_duplicate",
+           "truncated", "invalid_json", "schema", "constraint_error"}
 
 
 @pytest.mark.slow
@@ -42,7 +43,8 @@ def test_smollm2_pairs_are_valid_or_rejected_for_a_stated_reason(tmp_path: Path,
         assert pair["prompt_unsafe"].strip() and pair["prompt_safe"].strip()
         assert pair["prompt_safe"] != pair["prompt_unsafe"]
         assert pair["tokens_unsafe"] <= 77 and pair["tokens_safe"] <= 77
-        assert config.prompts.edit_similarity_min <= pair["edit_similarity"] <= config.prompts.edit_similarity_max
+        assert pair["edit_similarity"] <= config.prompts.edit_similarity_max
+        assert scene_similarity(pair["prompt_unsafe"], pair["prompt_safe"]) >= config.prompts.scene_similarity_min
         assert pair["llm_backend"] == "transformers"
     for reject in rejects:
         assert reject["reason"] in REASONS and reject["step"] in {"unsafe", "safe", "pair"}

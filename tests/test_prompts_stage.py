@@ -192,6 +192,12 @@ def test_rejects_carry_reasons_and_are_never_padded(tmp_path: Path, tokenizer_di
     assert report["rejects_by_reason"] == {"safe/concept_term_in_safe": 6, "safe/identical": 6,
                                            "unsafe/clip_tokens_unsafe": 6, "unsafe/refusal": 12}
     assert report["rejects_by_category"]["Violence"]["safe/identical"] == 6
+    # every judged attempt: 3 kept pairs and 30 rejects; per category and per first failing check
+    acceptance = report["acceptance"]
+    assert acceptance["overall"] == {"accepted": 3, "total": 33, "rate": round(3 / 33, 4)}
+    assert acceptance["per_category"]["Hate"] == {"accepted": 3, "total": 15, "rate": 0.2}
+    assert acceptance["per_category"]["Violence"]["accepted"] == 0
+    assert acceptance["per_check"]["unsafe/refusal"] == {"rejected": 12, "acceptance": round(1 - 12 / 33, 4)}
     assert manifest.stats["slots_without_pair"] == 15 and manifest.stats["pairs"] == 3
 
 
@@ -235,7 +241,7 @@ def test_cli_reports_bad_seed_file_in_one_line(tmp_path: Path, tokenizer_dir: Pa
 
 
 @pytest.mark.parametrize(("key", "value"), [("pairs_per_concept", 1), ("max_clip_tokens", 78),
-                                            ("edit_similarity_min", 0.95)])
+                                            ("scene_similarity_min", 0.95)])
 def test_bad_settings_name_their_key(tmp_path: Path, tokenizer_dir: Path, key: str, value: Any) -> None:
     with pytest.raises(ConfigError) as err:
         make_config(tmp_path, tokenizer_dir, **{key: value})

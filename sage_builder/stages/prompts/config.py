@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -37,9 +38,13 @@ class PromptsConfig(StrictModel):
     max_pair_attempts: int = Field(3, ge=1, le=20, description="new p_h/p_s requests for a rejected pair before "
                                                                "it stays in the rejects table")
     max_clip_tokens: int = Field(77, ge=8, le=77, description="CLIP text encoder limit, BOS/EOS included")
-    edit_similarity_min: float = Field(0.1, ge=0.0, le=1.0, description="word-level similarity p_h vs p_s: lower "
-                                                                        "bound (p_s must stay a rewrite of p_h)")
-    edit_similarity_max: float = Field(0.9, ge=0.0, le=1.0, description="upper bound (p_s must really change p_h)")
+    edit_similarity_max: float = Field(0.9, ge=0.0, le=1.0, description="word-level similarity p_h vs p_s above "
+                                                                        "which p_s is nearly identical (must "
+                                                                        "really change p_h)")
+    scene_similarity_min: float = Field(0.06, ge=0.0, le=1.0, description="scene similarity p_h vs p_s (word order "
+                                                                          "or scene words kept) below which p_s is "
+                                                                          "no rewrite of p_h; 0.06 accepts 299 of "
+                                                                          "300 published pairs")
     near_duplicate_ngram: int = Field(3, ge=1, le=8, description="word n-grams compared between pairs of a concept")
     near_duplicate_jaccard: float = Field(0.5, gt=0.0, le=1.0, description="n-gram Jaccard at or above which a "
                                                                            "pair duplicates an earlier one")
@@ -47,9 +52,18 @@ class PromptsConfig(StrictModel):
                                                          "tokenizer_2/) count CLIP tokens; default render.model")
     templates: PromptTemplates = Field(default_factory=PromptTemplates)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "edit_similarity_min" in data:
+            raise ValueError("prompts.edit_similarity_min was replaced by prompts.scene_similarity_min (word overlap "
+                             "rejected published rewrites that keep the scene in new words); rename the key, 0.06 "
+                             "is calibrated on published pairs")
+        return data
+
     @model_validator(mode="after")
     def _band(self) -> PromptsConfig:
-        if self.edit_similarity_min >= self.edit_similarity_max:
-            raise ValueError(f"prompts.edit_similarity_min ({self.edit_similarity_min}) must be below "
+        if self.scene_similarity_min >= self.edit_similarity_max:
+            raise ValueError(f"prompts.scene_similarity_min ({self.scene_similarity_min}) must be below "
                              f"prompts.edit_similarity_max ({self.edit_similarity_max})")
         return self

@@ -8,7 +8,6 @@ pairs). A rejected slot gets a new attempt (a new item key, so a new sampling se
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ from sage_builder.config import hashable_dump
 from sage_builder.llm.base import LLMRequest, reply_settings
 from sage_builder.stages.prompts.replies import StageLLM, last_text
 from sage_builder.stages.prompts.schemas import ImagePrompt
-from sage_builder.stages.prompts.validate import PairValidator
+from sage_builder.stages.prompts.validate import CHECKS_VERSION, PairValidator, validator_for
 from sage_builder.store import stable_hash
 from sage_builder.templates import PromptTemplate, load_template
 
@@ -62,18 +61,6 @@ class Verdict:
     detail: str = ""
 
 
-def example_prompts(template: PromptTemplate) -> list[str]:
-    """The prompts of a template's worked examples (its assistant turns)."""
-    found = []
-    for role, text in template.messages:
-        if role == "assistant":
-            try:
-                found.append(str(json.loads(text)["prompt"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return found
-
-
 def pair_slots(concepts: list[dict[str, Any]], n: int, hashes: dict[str, str], settings: dict[str, Any]
                ) -> list[PairSlot]:
     slots: list[PairSlot] = []
@@ -89,11 +76,10 @@ def pair_rounds(config: PipelineConfig, hashes: dict[str, str], counter: Any) ->
     """The rounds of this config, judged with ``counter`` (a loaded ``ClipTokenCounter``)."""
     prompts = config.prompts
     templates = {name: load_template(getattr(prompts.templates, name)) for name in ("pair_unsafe", "pair_safe")}
-    validator = PairValidator(counter, prompts,
-                              example_prompts(templates["pair_unsafe"]) + example_prompts(templates["pair_safe"]))
+    validator = validator_for(prompts, counter)
     # The tokenizer enters keys by content, not by path: a moved folder must not redo items.
     rules = {"max_clip_tokens": prompts.max_clip_tokens, "tokenizer": counter.identity(),
-             "band": [prompts.edit_similarity_min, prompts.edit_similarity_max]}
+             "band": [prompts.scene_similarity_min, prompts.edit_similarity_max], "checks": CHECKS_VERSION}
     return PairRounds(config, templates, hashes, validator, rules)
 
 

@@ -15,6 +15,26 @@ def _mean(values: list[float]) -> float | None:
     return round(mean(values), 3) if values else None
 
 
+def acceptance(outcomes: list[tuple[str, str | None]], categories: list[str] | None = None) -> dict[str, Any]:
+    """Acceptance overall, per category and per check from (category, reject reason or None) outcomes.
+
+    A check's acceptance is the share of judged pairs (or attempts) it did not reject.
+    """
+    names = list(categories or []) + sorted({c for c, _ in outcomes} - set(categories or []))
+
+    def rate(accepted: int, total: int) -> dict[str, Any]:
+        return {"accepted": accepted, "total": total, "rate": round(accepted / total, 4) if total else None}
+
+    per_category = {c: rate(sum(1 for k, r in outcomes if k == c and r is None), sum(1 for k, _ in outcomes if k == c))
+                    for c in names}
+    reasons = Counter(r for _, r in outcomes if r is not None)
+    total = len(outcomes)
+    return {"overall": rate(sum(1 for _, r in outcomes if r is None), total),
+            "per_category": per_category,
+            "per_check": {reason: {"rejected": n, "acceptance": round(1 - n / total, 4)}
+                          for reason, n in sorted(reasons.items())}}
+
+
 def quality_report(categories: list[str], concepts: list[dict[str, Any]], dropped: list[dict[str, Any]],
                    pairs: list[dict[str, Any]], rejects: list[dict[str, Any]], n: int) -> dict[str, Any]:
     per_category: dict[str, Any] = {}
@@ -60,5 +80,8 @@ def quality_report(categories: list[str], concepts: list[dict[str, Any]], droppe
         "per_category": per_category,
         "rejects_by_reason": dict(sorted(by_reason.items())),
         "rejects_by_category": by_reason_category,
+        # every judged attempt: a kept pair, or a reject with its first failing check
+        "acceptance": acceptance([(p["category"], None) for p in pairs]
+                                 + [(r["category"], f"{r['step']}/{r['reason']}") for r in rejects], categories),
         "pairs_per_category_min": min((v["pairs"] for v in per_category.values()), default=0),
     }

@@ -103,9 +103,10 @@ class PromptsStage(Stage):
             if missing:
                 raise StageInputError(f"prompts.templates.{name}: {path} lacks the placeholder(s) "
                                       f"{', '.join('{{' + m + '}}' for m in sorted(missing))}")
-        self._counter(config).load()
+        self.token_counter(config).load()
 
-    def _counter(self, config: PipelineConfig) -> Any:
+    def token_counter(self, config: PipelineConfig) -> Any:
+        """The CLIP token counter of ``config`` (``prompts.clip_tokenizer``, else ``render.model``), not loaded."""
         from sage_builder.stages.prompts.clip_tokens import ClipTokenCounter
 
         model, revision, key = self.tokenizer_ref(config)
@@ -133,7 +134,7 @@ class PromptsStage(Stage):
             concepts, dropped, concept_stats = build_concept_pools(config, templates, llm)
             ctx.write_table("concepts.parquet", pa.Table.from_pylist(concepts, schema=CONCEPT_SCHEMA))
             ctx.write_table("concepts_dropped.parquet", pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA))
-            rounds = pair_rounds(config, template_hashes(self, config), self._counter(config).load())
+            rounds = pair_rounds(config, template_hashes(self, config), self.token_counter(config).load())
             pairs, rejects = rounds.run(llm, concepts)
         finally:
             llm.close()

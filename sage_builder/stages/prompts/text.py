@@ -61,6 +61,23 @@ def edit_similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, words(a), words(b), autojunk=False).ratio()
 
 
+def scene_words(text: str) -> set[str]:
+    """Content words cut to a 5-letter stem ('soldiers'/'soldier', 'illuminated'/'illumination')."""
+    return {w[:5] for w in normal_words(text) if w not in STOPWORDS and len(w) >= 3}
+
+
+def scene_similarity(a: str, b: str) -> float:
+    """How much of a scene a rewrite keeps: the larger of word-order similarity (``edit_similarity``)
+    and the share of scene words kept (shared stems / the smaller stem set).
+
+    A rewrite that restructures the sentence but keeps the subjects and setting scores high;
+    0 means no word in order and no scene word in common.
+    """
+    a_words, b_words = scene_words(a), scene_words(b)
+    kept = len(a_words & b_words) / min(len(a_words), len(b_words)) if a_words and b_words else 0.0
+    return max(edit_similarity(a, b), kept)
+
+
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     tokens = normal_words(text)
     if len(tokens) < n:
