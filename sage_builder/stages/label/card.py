@@ -100,6 +100,7 @@ def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
         + "\n\nRecords per category:\n\n" + _table(["category"] + list(splits), cat_rows)
         + f"\n\n`pairs`: {info['n_pairs']} rendered pairs. `users`: {info['n_users']} users "
         f"(embedding dimension {info['embedding_dim']}).\n")
+    blocks["screening"] = screening_block(info.get("screening"))
     settings = info["settings"]
     setting_rows = [[k, f"`{v}`"] for k, v in settings.items()]
     blocks["generation"] = "## Generation settings\n\n" + _table(["setting", "value"], setting_rows) + "\n"
@@ -108,6 +109,31 @@ def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
         "## Lineage\n\nManifest hashes of the stages this dataset was built from (sage-builder run directory):\n\n"
         + _table(["stage", "manifest hash", "fingerprint"], lineage) + "\n")
     return blocks
+
+
+def screening_block(screen: dict[str, Any] | None) -> str:
+    """Screening rates per category (render.screen), or a plain statement that no image was screened."""
+    if not screen:
+        return ("## Screening\n\nScreening: not run (`render.screen.enabled` was false). No safety scorer "
+                "checked that unsafe images show their concept or that safe images are harmless.\n")
+    scorers = ", ".join(f"{name} (`{d.get('model')}`)" for name, d in screen.get("scorers", {}).items())
+    notes = "".join(f"- {line}\n" for line in screen.get("not_run", []))
+    act = screen["actions"]
+    rows = []
+    for category, c in {**screen["per_category"], "all": screen["totals"]}.items():
+        n = c["pairs"] or 1
+        rows.append([category, c["pairs"]] + [f"{c[o] / n:.0%} ({c[o]})" for o in
+                                               ("ok", "safe_flagged", "unsafe_clean", "error")]
+                    + [c["rerendered"], c["dropped"], c["kept"]])
+    return ("## Screening\n\n"
+            f"Both images of every pair were scored by {scorers}; an image counts as flagged when any of them flags "
+            "it. Outcomes at the first render: `ok` (unsafe image flagged, safe image clean), `safe_flagged` (the "
+            "safe image is flagged), `unsafe_clean` (nothing flagged), `error` (a scorer could not judge an image). "
+            f"Actions: safe_flagged -> {act['safe_flagged']}, unsafe_clean -> {act['unsafe_clean']}, error -> "
+            f"{act['error']}, at most {act['max_attempts']} renders per pair. Classifiers see harassment and "
+            "propaganda poorly: unsafe_clean there says little about the image.\n\n" + notes + ("\n" if notes else "")
+            + _table(["category", "pairs", "ok", "safe_flagged", "unsafe_clean", "error", "rerendered", "dropped",
+                      "kept"], rows) + "\n")
 
 
 def render_card(existing_text: str | None, meta: dict[str, Any], blocks: dict[str, str], title: str) -> str:

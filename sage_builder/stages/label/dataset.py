@@ -39,6 +39,8 @@ PAIR_SCHEMA = pa.schema([
     ("idx", pa.int64()), ("prompt_unsafe", pa.string()), ("prompt_safe", pa.string()), ("seed", pa.int64()),
     ("image_unsafe", IMAGE_TYPE), ("image_safe", IMAGE_TYPE),
     ("sha256_unsafe", pa.string()), ("sha256_safe", pa.string()),
+    # render.screen: the pair's outcome, renders it took, and every scorer's verdicts (JSON); null unscreened.
+    ("screen_outcome", pa.string()), ("screen_attempts", pa.int64()), ("screen_scores", pa.string()),
 ])
 IMAGE_COLUMNS = ("image_unsafe", "image_safe")
 

@@ -76,15 +76,29 @@ def pair_row(pair: dict[str, Any], images: RenderImages) -> tuple[dict[str, Any]
     return row, rec
 
 
+def screening_of(run: RunDir) -> dict[str, dict[str, Any]]:
+    """pair_id -> its settled screening row (render/screening.parquet), empty when render did not screen."""
+    path = run.stage("render").file("screening.parquet")
+    if not path.exists():
+        return {}
+    table = pq.read_table(path, columns=["pair_id", "attempt", "outcome", "scores", "final"])
+    return {row["pair_id"]: row for row in table.to_pylist() if row["final"]}
+
+
 def write_pairs(root: Path, run: RunDir, pairs: pa.Table, shard_rows: int) -> tuple[SplitWriter, dict[str, Any]]:
     """Stream the ``pairs`` config; returns the writer and the render settings of the first image."""
     images = RenderImages(run)
+    screened = screening_of(run)
     writer = SplitWriter(root, "pairs", SINGLE_SPLIT, PAIR_SCHEMA, pairs.num_rows, shard_rows)
     settings: dict[str, Any] = {}
     bar = progress(total=pairs.num_rows, desc="label pairs", unit="pair")
     rows: list[dict[str, Any]] = []
     for pair in pairs.select(PAIR_COLUMNS).to_pylist():
         row, rec = pair_row(pair, images)
+        screen = screened.get(pair["pair_id"])
+        if screen is not None:
+            row.update(screen_outcome=screen["outcome"], screen_attempts=screen["attempt"],
+                       screen_scores=screen["scores"])
         if not settings:
             settings = {k: rec.get(k) for k in RENDER_SETTINGS}
         rows.append(row)

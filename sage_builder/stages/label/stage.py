@@ -145,6 +145,7 @@ class LabelStage(Stage):
             "n_users_with_records": sum(users[s] for s in ("train", "val", "test_unseen")),
             "n_pairs": pairs.num_rows, "n_users": users_writer.rows, "embedding_dim": embedding_dim,
             "settings": generation_settings(config, run, render_settings), "lineage": lineage(run, self.inputs),
+            "screening": run.stage("render").read_manifest().stats.get("screen"),
             "configs": configs_yaml, "dataset_info": info_yaml,
             "sage_meta": {"categories": categories, "embedding_dim": embedding_dim, "pairs_per_category": k,
                           "test_index": test_index, "seed": config.seed,
