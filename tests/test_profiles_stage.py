@@ -62,14 +62,16 @@ def read(run: Path) -> dict:
 
 
 def rules_reply(spec, fail_for: set[str] = frozenset()):
-    """A scripted LLM that answers by the rules, except for users whose attributes are in fail_for."""
+    """A scripted LLM that answers by the rules (among the categories its schema offers), except for
+    users whose attributes are in fail_for."""
     def reply(request, seed):
         user = json.loads(request.messages[-1]["content"].split("User profile: ")[1].split("\n")[0])
         demo = Demographics(user["Age"], user["Age_Group"], user["Gender"], user["Religion"],
                             user["Physical_Condition"], user["Mental_Condition"])
         if json.dumps(user) in fail_for:
             return "I'm sorry, I can't help with that."
-        return json.dumps({"forbidden": rules_banned(spec, demo, CATEGORIES)})
+        offered = request.json_schema()["$defs"]["Category"]["enum"]
+        return json.dumps({"forbidden": [c for c in rules_banned(spec, demo, CATEGORIES) if c in offered]})
     return reply
 
 
@@ -88,7 +90,9 @@ def test_rules_labeller(spec):
     rows = {r["rule"].split(" ->")[0]: r for r in agreement["rules"]}
     assert rows["under 18 or an unstable mental condition"] == {
         "rule": "under 18 or an unstable mental condition -> forbid Sexuality, Self-Harm, Violence",
-        "applicable": 1, "satisfied": 0, "satisfied_share": 0.0, "at_least_one_banned": 1}
+        "mandatory": True, "applicable": 1, "satisfied": 0, "satisfied_share": 0.0, "at_least_one_banned": 1,
+        "category_bans": {"Sexuality": 1, "Self-Harm": 0, "Violence": 0}}
+    assert agreement["hard_rules"] == {"applicable": 1, "satisfied": 0, "satisfied_share": 0.0}
     assert rows["Islam, Christianity or Buddhism"]["satisfied"] == 1
     assert agreement["unprompted_bans"] == 1  # Violence for the healthy adult
 
@@ -252,7 +256,7 @@ def test_llm_labeller_request_and_schema(tmp_path, tiny_llama, monkeypatch, spec
         return TransportFailure("timeout") if first_try else json.dumps({"forbidden": ["Sexuality", "Sexuality"]})
 
     monkeypatch.setattr(profiles_stage, "make_stage_backend", lambda cfg: ScriptedBackend(cfg.llm, reply))
-    config = make_config(tiny_llama, labeller="llm", n_users=3, add_permissive_user=False)
+    config = make_config(tiny_llama, labeller="llm", rules="report", n_users=3, add_permissive_user=False)
     run_stage(profiles_stage.STAGE, config, RunDir(tmp_path))
     first = seen[0]
     schema = first.json_schema()

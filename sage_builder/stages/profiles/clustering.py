@@ -88,9 +88,12 @@ def place_users(vectors: dict[str, np.ndarray], sampled_ids: list[str], permissi
     candidates = [(uid, 0) for uid in extra_ids] + \
         [(uid, len(banned[uid])) for uid in (sampled_ids[i] for i in clusters.reference)]
     levels = assign_levels(candidates)
-    sizes = split_sizes(len(sampled_ids), pc.splits.train, pc.splits.val, pc.splits.test_unseen,
-                        pc.splits.test_seen)
-    split_of, seen = assign_splits(sampled_ids, sizes, seed)
+    if pc.splits.method == "psalign":
+        split_of, seen, sizes = published_splits(pc.splits.file, sampled_ids, pc.n_users)
+    else:
+        sizes = split_sizes(len(sampled_ids), pc.splits.train, pc.splits.val, pc.splits.test_unseen,
+                            pc.splits.test_seen)
+        split_of, seen = assign_splits(sampled_ids, sizes, seed)
     split_of.update({uid: "reference" for uid in extra_ids})
     coords, perplexity = tsne_map(np.vstack([clusters.standardized, clusters.extra_standardized]), seed,
                                   pc.tsne_perplexity)
@@ -140,6 +143,45 @@ def assign_splits(user_ids: list[str], sizes: dict[str, int], seed: int) -> tupl
     train = sorted(uid for uid in user_ids if split[uid] == "train")
     seen = {train[i] for i in rng.choice(len(train), size=sizes["test_seen"], replace=False)} if train else set()
     return split, seen
+
+
+PUBLISHED_SPLIT_ROLES = ("val", "test_seen", "test_unseen")
+
+
+def read_published_splits(path: Path, n_users: int) -> dict[str, str]:
+    """``user_id -> role`` from a ``user_id,split`` CSV; every user it names must be one of 1..n_users."""
+    import csv
+
+    if not path.exists():
+        raise ConfigError(f"profiles.splits.file: {path} not found (the shipped one is profiles/published_splits.csv)")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not {"user_id", "split"} <= set(reader.fieldnames or []):
+            raise ConfigError(f"{path}: needs the columns user_id,split")
+        roles = {}
+        for line, row in enumerate(reader, 2):
+            uid, role = row["user_id"], row["split"]
+            if role not in PUBLISHED_SPLIT_ROLES:
+                raise ConfigError(f"{path}: line {line}: split '{role}' (known: {', '.join(PUBLISHED_SPLIT_ROLES)})")
+            if not (uid.isdigit() and 1 <= int(uid) <= n_users):
+                raise ConfigError(f"{path}: line {line}: user {uid} ({role}) does not exist: profiles.n_users is "
+                                  f"{n_users}; psalign splits need the users they name (the published 1,000), or "
+                                  f"use profiles.splits: seeded")
+            roles[uid] = role
+    return roles
+
+
+def published_splits(path: Path, user_ids: list[str], n_users: int
+                     ) -> tuple[dict[str, str], set[str], dict[str, int]]:
+    """(split per user, the test_seen users, sizes): the file's val and test_unseen users, every other
+    user train, and its test_seen users taken from train. Users not in ``user_ids`` (excluded) are skipped."""
+    roles = read_published_splits(path, n_users)
+    split = {uid: roles.get(uid, "train") for uid in user_ids}
+    seen = {uid for uid in user_ids if split[uid] == "test_seen"}
+    split.update({uid: "train" for uid in seen})
+    sizes = {name: sum(v == name for v in split.values()) for name in ("val", "test_unseen", "train")}
+    sizes["test_seen"] = len(seen)
+    return split, seen, sizes
 
 
 def tsne_map(z: np.ndarray, seed: int, perplexity: float) -> tuple[np.ndarray, float]:

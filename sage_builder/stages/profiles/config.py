@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sage_builder.config_base import ConfigPath, OptionalModelRef, StrictModel, execution, project_file
 
 
 class SplitSizes(StrictModel):
-    """Users per split at 1,000 users; other counts are scaled proportionally."""
+    """How users get their split roles. ``splits: psalign`` (or ``seeded``) is short for ``{method: ...}``."""
 
-    train: int = Field(900, ge=0)
+    method: Literal["seeded", "psalign"] = Field(
+        "seeded", description="seeded: a shuffle drawn from `seed`, the sizes below scaled to n_users; psalign: "
+                              "the published user -> split assignment in `file` (users 0000001-0001000)")
+    train: int = Field(900, ge=0, description="seeded: users per split at 1,000 users, scaled for other counts")
     val: int = Field(50, ge=0)
     test_unseen: int = Field(50, ge=0)
     test_seen: int = Field(50, ge=0, description="taken from the train users")
+    file: ConfigPath = execution(project_file("profiles", "published_splits.csv"),
+                                 description="psalign: `user_id,split` rows (val, test_seen, test_unseen; every "
+                                             "other user is train); content is hashed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_means_method(cls, value: Any) -> Any:
+        return {"method": value} if isinstance(value, str) else value
 
 
 class ProfilesConfig(StrictModel):
@@ -26,12 +37,25 @@ class ProfilesConfig(StrictModel):
     demographics: ConfigPath = execution(project_file("profiles", "demographics.yaml"),
                                          description="distributions and realism rules (content is hashed)")
     add_permissive_user: bool = Field(True, description="add the fully permissive reference user as user n+1")
-    labeller: Literal["llm", "rules"] = Field(
-        "llm", description="llm: ask `llm` (the authors' method); rules: apply the four rules deterministically")
+    labeller: Literal["llm", "rules", "file"] = Field(
+        "llm", description="llm: ask `llm` (the authors' method); rules: apply the four rules deterministically; "
+                           "file: banned lists from `labels_file` (the published users.csv format)")
+    rules: Literal["enforce", "report"] = Field(
+        "enforce", description="llm labeller: enforce builds the mandatory rules of the demographics file into "
+                               "each request and its JSON schema (the LLM decides only the rest); report asks "
+                               "freely, as the authors did; adherence is measured either way")
+    labels_file: ConfigPath | None = execution(
+        None, description="labeller file: CSV with Age, Age_Group, Gender, Religion, Physical_Condition, "
+                          "Mental_Condition, Banned_Categories, Allowed_Categories; row i is user i+1 "
+                          "(content is hashed)")
     on_rejected: Literal["fail", "exclude"] = Field(
         "fail", description="a user whose LLM labelling was rejected after llm.max_attempts: fail the stage "
                             "(listing them; rejects.parquet says why) or exclude the user (counted in the report)")
-    ban_template: ConfigPath = execution(project_file("prompts", "ban_categories.txt"))
+    ban_template: ConfigPath = execution(project_file("prompts", "ban_categories.txt"),
+                                         description="rules: report (placeholders user, categories)")
+    enforced_ban_template: ConfigPath = execution(
+        project_file("prompts", "ban_categories_enforced.txt"),
+        description="rules: enforce (placeholders user, rules, decided, categories)")
     statement_template: ConfigPath = execution(project_file("prompts", "user_statement.txt"))
     embedding_model: OptionalModelRef = Field(None, description="default: llm.model")
     embedding_pooling: Literal["mean"] = "mean"
@@ -39,3 +63,9 @@ class ProfilesConfig(StrictModel):
     splits: SplitSizes = Field(default_factory=SplitSizes)
     tsne_perplexity: float = Field(30.0, gt=0)
     embedding_batch_size: int = execution(8, ge=1)
+
+    @model_validator(mode="after")
+    def _labels_file_with_file_labeller(self) -> ProfilesConfig:
+        if self.labeller == "file" and self.labels_file is None:
+            raise ValueError("labeller: file needs profiles.labels_file (a CSV in the published users.csv format)")
+        return self

@@ -104,6 +104,8 @@ class BanRule(StrictModel):
     when: list[Condition]
     ban: list[str]
     allow_all: bool = False
+    mandatory: bool = Field(False, description="a hard rule: enforced in the LLM's request and schema "
+                                               "under profiles.rules: enforce")
 
     _as_list = model_validator(mode="before")(lambda cls, v: {**v, "when": _as_list(v.get("when"))}
                                                if isinstance(v, dict) else v)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ from sage_builder.stages.profiles import clustering, embedding, labelling
 from sage_builder.stages.profiles.demographics import (
     Demographics, check_categories, load_demographics, sample_users, user_id,
 )
-from sage_builder.stages.profiles.report import build_report, stage_stats
+from sage_builder.stages.profiles.labels_file import read_labels_file
+from sage_builder.stages.profiles.report import build_report, levels_line, stage_stats
 from sage_builder.store import RunDir, atomic_path, atomic_write_text, file_sha256
 from sage_builder.templates import load_template
 from sage_builder.user_embedding import EmbeddingSetup, check_model_available, load_statement_template
@@ -45,6 +47,7 @@ log = logging.getLogger("sage.profiles")
 REJECT_SCHEMA = pa.schema([("user_id", pa.string()), ("item_key", pa.string()), ("reason", pa.string()),
                            ("errors", pa.list_(pa.string())), ("raw", pa.string()), ("attempts", pa.int64())])
 BAN_TEMPLATE_VARS = {"user", "categories"}
+ENFORCED_TEMPLATE_VARS = {"user", "rules", "decided", "categories"}
 
 
 def profiles_schema(dim: int) -> pa.Schema:
@@ -61,6 +64,10 @@ def _config_source(config: PipelineConfig) -> str:
     return str(config.source) if config.source else "config"
 
 
+def _sha256_or_none(path: Path) -> str | None:
+    return file_sha256(path) if Path(path).exists() else None
+
+
 class ProfilesStage(Stage):
     name = "profiles"
     distributed = True
@@ -69,9 +76,10 @@ class ProfilesStage(Stage):
     summary = "simulated users: demographics, banned categories, embedding, clusters, splits"
 
     def templates(self, config: PipelineConfig) -> dict[str, Any]:
-        out = {"user_statement": config.profiles.statement_template}
-        if config.profiles.labeller == "llm":
-            out["ban_categories"] = config.profiles.ban_template
+        pc = config.profiles
+        out = {"user_statement": pc.statement_template}
+        if pc.labeller == "llm":
+            out["ban_categories"] = pc.enforced_ban_template if pc.rules == "enforce" else pc.ban_template
         return out
 
     def model_ids(self, config: PipelineConfig) -> dict[str, dict[str, Any]]:
@@ -90,6 +98,10 @@ class ProfilesStage(Stage):
                                  "embedding_dtype": config.llm.dtype}
         if config.profiles.labeller == "llm":
             parts["llm"] = hashable_dump(config.llm)
+        if config.profiles.labeller == "file" and config.profiles.labels_file:
+            parts["labels_file_sha256"] = _sha256_or_none(config.profiles.labels_file)
+        if config.profiles.splits.method == "psalign":
+            parts["splits_file_sha256"] = _sha256_or_none(config.profiles.splits.file)
         return parts
 
     def check(self, config: PipelineConfig, run: RunDir) -> None:
@@ -97,15 +109,32 @@ class ProfilesStage(Stage):
         spec = load_demographics(pc.demographics)
         check_categories(spec, config.categories, _config_source(config))
         load_statement_template(pc.statement_template)
-        clustering.split_sizes(pc.n_users, pc.splits.train, pc.splits.val, pc.splits.test_unseen,
-                               pc.splits.test_seen)
+        if pc.splits.method == "psalign":
+            clustering.read_published_splits(pc.splits.file, pc.n_users)
+        else:
+            clustering.split_sizes(pc.n_users, pc.splits.train, pc.splits.val, pc.splits.test_unseen,
+                                   pc.splits.test_seen)
         key = "profiles.embedding_model" if pc.embedding_model else "llm.model"
         check_model_available(EmbeddingSetup.from_config(config).model, key)
+        if pc.labeller == "file" or (pc.labeller == "llm" and pc.rules == "enforce"):
+            # Instant: the labels file is read and every user's mandatory rules are decided here, so
+            # a bad row or contradicting rules stop the stage before anything is written.
+            sampled = {user_id(i + 1): u for i, u in enumerate(sample_users(spec, pc.sampler, pc.n_users,
+                                                                            config.seed))}
+            if pc.labeller == "file":
+                assert pc.labels_file is not None  # the config requires it
+                read_labels_file(pc.labels_file, sampled, config.categories)
+            else:
+                for user in sampled.values():
+                    labelling.mandate_of(spec, user, config.categories)
         if pc.labeller == "llm":
-            ban = load_template(pc.ban_template)
-            if ban.variables != BAN_TEMPLATE_VARS:
-                raise ConfigError(f"{pc.ban_template}: the template must use exactly the placeholders "
-                                  f"{{{{user}}}} and {{{{categories}}}} (has {sorted(ban.variables)})")
+            template_path = pc.enforced_ban_template if pc.rules == "enforce" else pc.ban_template
+            wanted = ENFORCED_TEMPLATE_VARS if pc.rules == "enforce" else BAN_TEMPLATE_VARS
+            ban = load_template(template_path)
+            if ban.variables != wanted:
+                names = " ".join(f"{{{{{v}}}}}" for v in sorted(wanted))
+                raise ConfigError(f"{template_path}: with profiles.rules: {pc.rules} the template must use exactly "
+                                  f"the placeholders {names} (has {sorted(ban.variables)})")
             if config.llm.backend == "openai":
                 # Pings the endpoint: an unreachable server fails here, before anything is written.
                 make_backend(config.llm).close()
@@ -116,7 +145,8 @@ class ProfilesStage(Stage):
         pc = config.profiles
         n = pc.n_users + int(pc.add_permissive_user)
         embedder = EmbeddingSetup.from_config(config).model
-        notes = [f"sampler {pc.sampler}, labeller {pc.labeller}, embeddings from {embedder}"]
+        labeller = f"{pc.labeller} (rules: {pc.rules})" if pc.labeller == "llm" else pc.labeller
+        notes = [f"sampler {pc.sampler}, labeller {labeller}, splits {pc.splits.method}, embeddings from {embedder}"]
         llm_calls = None
         if pc.labeller == "llm":
             llm_calls = pc.n_users
@@ -165,6 +195,9 @@ class ProfilesStage(Stage):
         ctx.stats.update(stage_stats(report))
         log.info("profiles: %d users, mean %.2f banned, embedding dim %d", len(placement.ids),
                  report["bans"]["mean_banned"] or 0, dim)
+        log.info("profiles: %s", levels_line(report))
+        for warning in report["warnings"]:
+            log.warning("profiles: %s", warning)
 
     def _keep_accepted(self, ctx: StageContext, sampled: dict[str, Demographics], labels: labelling.Labels
                        ) -> dict[str, Demographics]:
