@@ -42,6 +42,7 @@ def screen_run(tmp_path):
         "scorers": {"nudenet": {"model": "nudenet==3.0.8/best.onnx"}},
         "actions": {"safe_flagged": "rerender", "unsafe_clean": "record", "error": "drop", "max_attempts": 3},
         "per_category": per_category, "totals": totals}
+    manifest.outputs.update(render.describe_outputs(["screening.parquet"]))
     render.write_manifest(manifest)
     return run, config, rows
 
@@ -70,6 +71,9 @@ def test_pairs_config_and_card_carry_the_screening(tmp_path):
 
 def test_card_says_screening_did_not_run(tmp_path):
     run, config = make_fake_run(tmp_path / "run", n_users=20)
+    # A screening table an earlier run left behind, not in this render's manifest, is ignored.
+    write_parquet(pa.table({"pair_id": ["x"], "attempt": [1], "outcome": ["ok"], "scores": ["{}"], "final": [True]}),
+                  run.stage("render").file("screening.parquet"))
     run_stage(get_stage("label"), config, run)
     dataset = run.stage("label").file("dataset")
     card = (dataset / "README.md").read_text()

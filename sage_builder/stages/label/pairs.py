@@ -78,9 +78,11 @@ def pair_row(pair: dict[str, Any], images: RenderImages) -> tuple[dict[str, Any]
 
 def screening_of(run: RunDir) -> dict[str, dict[str, Any]]:
     """pair_id -> its settled screening row (render/screening.parquet), empty when render did not screen."""
-    path = run.stage("render").file("screening.parquet")
-    if not path.exists():
-        return {}
+    render = run.stage("render")
+    manifest = render.read_manifest()
+    if manifest is None or "screening.parquet" not in manifest.outputs:
+        return {}  # a file left by an earlier, screened render is not this render's
+    path = render.file("screening.parquet")
     table = pq.read_table(path, columns=["pair_id", "attempt", "outcome", "scores", "final"])
     return {row["pair_id"]: row for row in table.to_pylist() if row["final"]}
 
