@@ -11,14 +11,13 @@ from typer.testing import CliRunner
 from sage_builder.config import config_from_dict
 from sage_builder.stages import get_stage
 from sage_builder.stages.base import run_stage
-from sage_builder.stages.train.synthetic import write_synthetic_dataset
-from sage_builder.store import Manifest, RunDir
+from sage_builder.stages.train.synthetic import write_synthetic_label_stage
+from sage_builder.store import RunDir
 
 
 def _run_with_label(tmp_path: Path) -> RunDir:
     run = RunDir(tmp_path / "run")
-    write_synthetic_dataset(run.stage("label").file("dataset"), n_train_pairs=3, n_val_pairs=2)
-    run.stage("label").write_manifest(Manifest(stage="label", fingerprint="synthetic", config_hash="synthetic"))
+    write_synthetic_label_stage(run, n_train_pairs=3, n_val_pairs=2)
     return run
 
 
@@ -64,9 +63,7 @@ def test_stage_trains_saves_evaluates_and_renders_the_grid(tmp_path, models_dir)
 
 def test_missing_embedding_stops_the_stage_naming_the_user(tmp_path, models_dir):
     run = RunDir(tmp_path / "run")
-    write_synthetic_dataset(run.stage("label").file("dataset"), n_train_pairs=2, n_val_pairs=1,
-                            users_without_embedding=("0000002",))
-    run.stage("label").write_manifest(Manifest(stage="label", fingerprint="synthetic", config_hash="synthetic"))
+    write_synthetic_label_stage(run, n_train_pairs=2, n_val_pairs=1, users_without_embedding=("0000002",))
     from sage_builder.errors import StageInputError
 
     with pytest.raises(StageInputError, match="user 0000002 has no embedding"):

@@ -2,8 +2,9 @@
 
 Records come from the ``preferences`` config, user embeddings from ``users``, image bytes from
 ``pairs`` (read with ``datasets.load_dataset(DIR_or_hub_id, CONFIG)``). Every record is checked
-before training starts: an unknown pair, a user without an embedding or an unreadable image stops
-the run with a one-line error naming the record, instead of becoming zeros or the next sample.
+before training starts: an unknown pair, a user without an embedding, an unreadable image or one
+whose bytes do not match the pair's ``sha256_*`` column stops the run with a one-line error naming
+the record, instead of becoming zeros or the next sample; a shard that cannot be read is named.
 
 Latent cache: each distinct image is VAE-encoded once, keyed by sha256(image bytes, VAE id,
 resolution, preprocessing version), and stored as ``<key>.safetensors`` holding the posterior
@@ -32,6 +33,8 @@ from sage_builder.errors import StageInputError
 log = logging.getLogger("sage.train")
 PREPROCESS_VERSION = "resize-short-side-lanczos/center-to-8/mean/v1"
 VARIANT_COLUMN = {"u": "image_unsafe", "s": "image_safe"}
+SHA256_COLUMN = {"u": "sha256_unsafe", "s": "sha256_safe"}
+REBUILD = "rerun stage 4 (`sage stage label --force`) or copy the dataset again"
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,20 @@ class PreferenceData:
         return len(next(iter(self.embeddings.values())))
 
     def image_bytes(self, pair_id: str, variant: str) -> bytes:
-        value = self.pairs[self.pair_rows[pair_id]][VARIANT_COLUMN[variant]]
+        """The encoded image, checked against the pair's ``sha256_*`` column where the dataset has one
+        (stage 4 writes it): a corrupt copy stops here instead of reaching training."""
+        row = self.pairs[self.pair_rows[pair_id]]
+        value = row[VARIANT_COLUMN[variant]]
         data = value.get("bytes") if isinstance(value, dict) else None
         if not data:
             path = value.get("path") if isinstance(value, dict) else None
-            if path and Path(path).exists():
-                return Path(path).read_bytes()
-            raise StageInputError(f"pair {pair_id}: {VARIANT_COLUMN[variant]} has no image bytes in {self.source}")
+            if not (path and Path(path).exists()):
+                raise StageInputError(f"pair {pair_id}: {VARIANT_COLUMN[variant]} has no image bytes in {self.source}")
+            data = Path(path).read_bytes()
+        expected = row.get(SHA256_COLUMN[variant])
+        if expected and hashlib.sha256(data).hexdigest() != expected:
+            raise StageInputError(f"pair {pair_id}: {VARIANT_COLUMN[variant]} does not match its "
+                                  f"{SHA256_COLUMN[variant]} in {self.source} (a corrupt copy); {REBUILD}")
         return data
 
     def user_embedding(self, user_id: str, record_id: str | None = None) -> np.ndarray:
@@ -106,9 +116,35 @@ def _load(source: str, config: str) -> Any:
 
     try:
         return datasets.load_dataset(source, config, cache_dir=_local_cache_dir(source))
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise StageInputError(f"{source}: cannot load config '{config}' of the stage-4 dataset "
-                              f"({str(exc).splitlines()[0][:200]}); run stage 4 (label) first") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt shard surfaces as whatever the reader raised
+        unreadable = _unreadable_shard(source, config)
+        if unreadable:
+            raise StageInputError(unreadable) from None
+        if isinstance(exc, (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError)):
+            raise StageInputError(f"{source}: cannot load config '{config}' of the stage-4 dataset "
+                                  f"({str(exc).splitlines()[0][:200]}); run stage 4 (label) first") from None
+        cause = exc.__cause__ or exc
+        raise StageInputError(f"{source}: config '{config}' of the stage-4 dataset cannot be read "
+                              f"({cause.__class__.__name__}: {str(cause).splitlines()[0][:160] if str(cause) else ''})"
+                              f"; {REBUILD}") from None
+
+
+def _unreadable_shard(source: str, config: str) -> str | None:
+    """For a local folder that `datasets` could not load: the first of the config's Parquet files
+    that pyarrow cannot read either, as one line; None when every file reads."""
+    import pyarrow.parquet as pq
+
+    root = Path(source)
+    if not root.is_dir():
+        return None
+    folder = root / "data" / config if (root / "data" / config).is_dir() else root
+    for path in sorted(folder.rglob("*.parquet")):
+        try:
+            pq.read_table(path)
+        except Exception as bad:  # noqa: BLE001
+            return (f"{path}: not a readable Parquet file ({bad.__class__.__name__}: {str(bad).splitlines()[0][:120]})"
+                    f"; {REBUILD}")
+    return None
 
 
 def load_preference_data(source: str | Path, splits: Iterable[str], optional: Iterable[str] = ()) -> PreferenceData:

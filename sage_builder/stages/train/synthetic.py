@@ -9,12 +9,17 @@ embedding. The layout is the one stage 4 writes (Hub layout, ``datasets`` featur
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 STRICT_USER, PERMISSIVE_USER = "0000001", "0000002"
+
+if TYPE_CHECKING:
+    from sage_builder.store import RunDir
 
 CARD = """---
 configs:
@@ -66,16 +71,19 @@ def write_synthetic_dataset(root: Path | str, n_train_pairs: int = 8, n_val_pair
     rng = np.random.default_rng(seed)
     embeddings = {STRICT_USER: rng.normal(0, 1, embedding_dim), PERMISSIVE_USER: rng.normal(0, 1, embedding_dim)}
     pairs: dict[str, list] = {k: [] for k in ("pair_id", "category", "concept", "idx", "prompt_unsafe",
-                                              "prompt_safe", "seed", "image_unsafe", "image_safe")}
+                                              "prompt_safe", "seed", "image_unsafe", "image_safe",
+                                              "sha256_unsafe", "sha256_safe")}
     splits: dict[str, list[dict]] = {"train": [], "val": []}
     for i in range(n_train_pairs + n_val_pairs):
         split = "train" if i < n_train_pairs else "val"
         pair_id = f"pair{i:04d}"
+        unsafe = b"not an image" if pair_id in broken_images else _image(rng, True, size)
+        safe = _image(rng, False, size)
         for key, value in (("pair_id", pair_id), ("category", "Violence"), ("concept", "synthetic"), ("idx", i + 1),
                            ("prompt_unsafe", caption), ("prompt_safe", caption), ("seed", i),
-                           ("image_unsafe", {"bytes": b"not an image" if pair_id in broken_images
-                                             else _image(rng, True, size), "path": None}),
-                           ("image_safe", {"bytes": _image(rng, False, size), "path": None})):
+                           ("image_unsafe", {"bytes": unsafe, "path": None}), ("image_safe", {"bytes": safe, "path": None}),
+                           ("sha256_unsafe", hashlib.sha256(unsafe).hexdigest()),
+                           ("sha256_safe", hashlib.sha256(safe).hexdigest())):
             pairs[key].append(value)
         for user, chosen, reason in ((STRICT_USER, "s", "banned"), (PERMISSIVE_USER, "u", "allowed")):
             splits[split].append({
@@ -92,7 +100,8 @@ def write_synthetic_dataset(root: Path | str, n_train_pairs: int = 8, n_val_pair
         "pair_id": datasets.Value("string"), "category": datasets.Value("string"),
         "concept": datasets.Value("string"), "idx": datasets.Value("int64"),
         "prompt_unsafe": datasets.Value("string"), "prompt_safe": datasets.Value("string"),
-        "seed": datasets.Value("int64"), "image_unsafe": image, "image_safe": image})
+        "seed": datasets.Value("int64"), "image_unsafe": image, "image_safe": image,
+        "sha256_unsafe": datasets.Value("string"), "sha256_safe": datasets.Value("string")})
     user_features = datasets.Features({
         "user_id": datasets.Value("string"), "embedding": datasets.List(datasets.Value("float32")),
         "level": datasets.Value("int64"), "split": datasets.Value("string"),
@@ -112,4 +121,17 @@ def write_synthetic_dataset(root: Path | str, n_train_pairs: int = 8, n_val_pair
             str(root / "data" / "preferences" / f"{split}-00000-of-00001.parquet"))
         files.append(f"  - split: {split}\n    path: data/preferences/{split}-*.parquet")
     (root / "README.md").write_text(CARD.format(preference_files="\n".join(files)))
+    return root
+
+
+def write_synthetic_label_stage(run: RunDir, **dataset: Any) -> Path:
+    """The synthetic dataset as ``RUN/label/dataset`` with a label manifest that lists its files (size,
+    sha256), as stage 4 leaves them; ``dataset`` goes to :func:`write_synthetic_dataset`."""
+    from sage_builder.store import Manifest
+
+    label = run.stage("label")
+    root = write_synthetic_dataset(label.file("dataset"), **dataset)
+    files = sorted(f"dataset/{p.relative_to(root).as_posix()}" for p in root.rglob("*") if p.is_file())
+    label.write_manifest(Manifest(stage="label", fingerprint="synthetic", config_hash="synthetic",
+                                  outputs=label.describe_outputs(files)))
     return root
