@@ -177,6 +177,26 @@ class UserAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors' own serialisation, with its JSON header rewritten in sorted key order.
+
+    The library writes ``__metadata__`` from a hash map whose order changes from process to process,
+    so two saves of equal tensors could differ in bytes. Key order does not change the data offsets
+    (they are relative to the data section), and the header stays padded to 8 bytes with spaces, as
+    the library pads it.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little"))
+        handle.write(header)
+        handle.write(memoryview(raw)[8 + size:])
+
+
 def cross_attention_layers(unet: Any) -> list[tuple[str, int]]:
     """(processor name, inner dim) of every cross-attention layer, in ``attn_processors`` order."""
     from diffusers.models.attention_processor import Attention
@@ -266,15 +286,13 @@ class UserAdapter(nn.Module):
         return {TOKENS_KWARG: ADAPTER_OFF}
 
     def save(self, directory: Path | str, **training: Any) -> Path:
-        from safetensors.torch import save_file
-
         from sage_builder.store import atomic_path, atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "sage_adapter": str(FORMAT_VERSION)})
+            write_safetensors(tmp, state, {"format": "pt", "sage_adapter": str(FORMAT_VERSION)})
         config = asdict(self.config)
         if training:
             config["training"] = {**config.get("training", {}), **training}

@@ -1,10 +1,12 @@
 """Stage 6 (train): the user-conditioned cross-attention adapter, trained with Diffusion-DPO on the
 stage-4 dataset, then the levels x prompts grid rendered with it.
 
-Outputs in ``RUN/train/``: ``adapter/`` (adapter.safetensors + adapter_config.json),
-``metrics.parquet`` (one row per optimizer step of this invocation), ``eval.json`` (implicit
-accuracy on the held-out split), ``grid.png``; working files: ``checkpoints/`` (resume),
-``cache/`` (latents and text embeddings, content-keyed), ``logs/`` (TensorBoard).
+Outputs in ``RUN/train/``: ``adapter/`` (adapter.safetensors, written byte-reproducibly, +
+adapter_config.json), ``metrics.parquet`` (one row per optimizer step of the whole run: the rows
+are checkpointed with the training state, so a killed and resumed run has the same rows as an
+uninterrupted one), ``eval.json`` (implicit accuracy on the held-out split), ``grid.png``; working
+files: ``checkpoints/`` (resume), ``cache/`` (latents and text embeddings, content-keyed),
+``logs/`` (TensorBoard).
 """
 
 from __future__ import annotations

@@ -161,20 +161,27 @@ def dpo_loss(policy_pred: torch.Tensor, reference_pred: torch.Tensor, target: to
 
 
 class TrainerState:
-    """Data position and the training generator, checkpointed through accelerate."""
+    """Data position, the training generator and the metrics rows so far, checkpointed through
+    accelerate: a resumed run's metrics are the whole run's, not only the last invocation's."""
 
     def __init__(self, seed: int):
         self.step = 0
         self.position = 0
         self.generator = torch.Generator().manual_seed(seed)
+        self.metrics: list[dict[str, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "position": self.position, "generator": self.generator.get_state()}
+        return {"step": self.step, "position": self.position, "generator": self.generator.get_state(),
+                "metrics": [dict(row) for row in self.metrics]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.position = int(state["position"])
         self.generator.set_state(state["generator"])
+        self.metrics = [dict(row) for row in state.get("metrics", [])]
+        if len(self.metrics) != self.step:
+            log.warning("train: the checkpoint at step %d holds metrics for %d step(s) (made by an older version); "
+                        "metrics.parquet will lack the others", self.step, len(self.metrics))
 
 
 @dataclass
@@ -448,7 +455,6 @@ class AdapterTrainer:
                                                if isinstance(v, (int, float, str, bool))})
         stop_at = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
         bar = progress(total=stop_at, desc="train", unit="step", initial=self.state.step)
-        metrics: list[dict[str, float]] = []
         window: list[tuple[float, torch.Tensor]] = []
         tick, images = time.time(), 0
         policy.train()
@@ -479,7 +485,7 @@ class AdapterTrainer:
                    "implicit_accuracy": float((zs > 0).float().mean()), "reward_margin": float(zs.mean()),
                    "lr": float(scheduler.get_last_lr()[0]), "images_per_s": images / max(now - tick, 1e-9)}
             window, tick, images = [], now, 0
-            metrics.append(row)
+            self.state.metrics.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.2f}", lr=f"{row['lr']:.2e}")
             if self.state.step % cfg.log_every == 0 or self.state.step == stop_at:
@@ -490,8 +496,8 @@ class AdapterTrainer:
                 self.save_checkpoint()
         bar.close()
         acc.end_training()
-        return TrainResult(self.adapter, self.state.step, self.state.step >= cfg.max_steps, metrics, cache_stats,
-                           time.time() - started)
+        return TrainResult(self.adapter, self.state.step, self.state.step >= cfg.max_steps, list(self.state.metrics),
+                           cache_stats, time.time() - started)
 
     @torch.no_grad()
     def evaluate(self, records: list[PreferenceRecord], draws: int | None = None, seed: int = 1234
