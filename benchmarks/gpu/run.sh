@@ -3,7 +3,8 @@
 # The pure-Python wheels it lacks (diffusers, pydantic + pydantic-core, annotated-types,
 # typing-inspection, tenacity) are carried in .whl/ and installed into /tmp/site, offline.
 # Runs every benchmarks/gpu/bench_*_gpu.py, render first; results go to $OUT/*.json when OUT is set.
-# Extra arguments for the render script: BENCH_RENDER_ARGS="--batches 1,8".
+# Extra arguments for the render script: BENCH_RENDER_ARGS="--batches 1,8"; for the train script:
+# BENCH_TRAIN_ARGS.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -25,6 +26,11 @@ for script in "${scripts[@]}"; do
   if [[ "$script" == benchmarks/gpu/bench_render_gpu.py ]]; then
     # shellcheck disable=SC2086
     python3 "$script" ${BENCH_RENDER_ARGS:-} || status=$?
+  elif [[ "$script" == benchmarks/gpu/bench_train_gpu.py ]]; then
+    # Train rows (time-boxed, 240 s by default): batch 2 with gradient checkpointing on, then off,
+    # the largest batch that fits, then uncached. Extra arguments: BENCH_TRAIN_ARGS="--budget-s 180".
+    # shellcheck disable=SC2086
+    python3 "$script" ${BENCH_TRAIN_ARGS:-} || status=$?
   else
     python3 "$script" || status=$?
   fi
