@@ -6,6 +6,7 @@ Stage packages add their own commands (``validate``, ``export``, ``publish``, ``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -17,10 +18,10 @@ import typer
 
 from sage_builder import PROJECT_ROOT
 from sage_builder.cli_util import handle_errors, setup_logging
-from sage_builder.config import PipelineConfig, dump_config, load_config
+from sage_builder.config import PipelineConfig, load_config
 from sage_builder.errors import ConfigError
 from sage_builder.stages import STAGE_ORDER, all_stages, get_stage
-from sage_builder.store import RunDir, atomic_write_text
+from sage_builder.store import RunDir
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Regenerate Sage (PSA's personalized-safety dataset) and train its user adapter.")
@@ -34,14 +35,11 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a c
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
-def _prepare_run(config_path: Path, run_dir: Path, overrides: list[str] | None,
-                 check: Any = None) -> tuple[PipelineConfig, RunDir]:
+def _prepare_run(config_path: Path, run_dir: Path, overrides: list[str] | None) -> tuple[PipelineConfig, RunDir]:
+    """The validated config and run directory; nothing is written here (``run_stage`` checks, then writes)."""
     config = load_config(config_path, overrides)
     run = RunDir(run_dir)
-    if check is not None:
-        check.check(config, run)  # bad input fails before the run directory is touched
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.root / "config.yaml", dump_config(config))
+    run.check_usable()
     return config, run
 
 
@@ -60,14 +58,21 @@ def run_all(
     from sage_builder.stages.base import run_stage
 
     setup_logging(verbose)
-    config, run = _prepare_run(config_path, run_dir, overrides)
     last = get_stage(until).name if until else STAGE_ORDER[-1]
     skipped = {get_stage(s).name for s in skip or []}
-    for stage in all_stages():
-        if stage.name not in skipped:
-            run_stage(stage, config, run, force=force)
-        if stage.name == last:
-            break
+    config, run = _prepare_run(config_path, run_dir, overrides)
+    created = not run.root.exists()
+    try:
+        with run.lock():  # held across the stages: a second run on this directory stops at once
+            for stage in all_stages():
+                if stage.name not in skipped:
+                    run_stage(stage, config, run, force=force, save_config=True)
+                if stage.name == last:
+                    break
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                run.root.rmdir()  # only if nothing was written
 
 
 @app.command("stage")
@@ -89,16 +94,16 @@ def run_one(
     setup_logging(verbose)
     stage = get_stage(name)
     options = stage_options(stage, {"contact_sheet": contact_sheet} if contact_sheet else None)
-    config, run = _prepare_run(config_path, run_dir, overrides, check=stage)
-    run_stage(stage, config, run, force=force, options=options)
+    config, run = _prepare_run(config_path, run_dir, overrides)
+    run_stage(stage, config, run, force=force, options=options, save_config=True)
 
 
-def _status_rows(run: RunDir, config: PipelineConfig | None) -> list[dict[str, Any]]:
+def _status_rows(run: RunDir, config: PipelineConfig | None, verify: bool = False) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
     from sage_builder.stages.base import stage_status
 
-    return [asdict(stage_status(stage, config, run)) for stage in all_stages()]
+    return [asdict(stage_status(stage, config, run, verify=verify)) for stage in all_stages()]
 
 
 @app.command("status")
@@ -108,11 +113,15 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     config_path: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="compare against this config (default: the run's own config.yaml)")] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="hash every output (default: only files whose size or mtime changed)")] = False,
 ) -> None:
-    """Per stage: done / partial / stale / missing, row counts, outputs and when."""
+    """Per stage: done / modified / partial / stale / missing, row counts, outputs and when."""
     run = RunDir(run_dir)
     if not run.root.exists():
         raise ConfigError(f"{run_dir}: no such run directory (start one with `sage run --run-dir {run_dir}`)")
+    if not run.root.is_dir():
+        raise ConfigError(f"{run_dir}: is a file, not a run directory")
     saved = run.root / "config.yaml"
     config = load_config(config_path) if config_path else None
     if config is None and saved.exists():
@@ -121,7 +130,7 @@ def status(
         except ConfigError as exc:
             # A run saved by another version must still be describable; staleness is then unknown.
             typer.echo(f"warning: {exc}; not checking for config changes (pass --config)", err=True)
-    rows = _status_rows(run, config)
+    rows = _status_rows(run, config, verify)
     if as_json:
         typer.echo(json.dumps({"run_dir": str(run.root.resolve()), "stages": rows}, indent=2, default=str))
         return
@@ -131,7 +140,7 @@ def status(
     table = Table(title=f"sage status {run_dir}")
     for column in ("#", "stage", "state", "rows", "finished", "seconds", "note"):
         table.add_column(column)
-    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "red"}
+    colours = {"done": "green", "modified": "red", "stale": "yellow", "partial": "yellow", "missing": "red"}
     for row in rows:
         finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["finished_at"])) if row["finished_at"] else ""
         table.add_row(str(row["number"]), row["name"], f"[{colours[row['state']]}]{row['state']}[/]",

@@ -125,8 +125,15 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Pipelin
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such pipeline file (the shipped ones are in pipelines/)")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; --config takes a pipeline YAML file (e.g. pipelines/demo.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (binary content); --config takes a pipeline YAML file") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{path}: cannot read it ({reason}); check its permissions") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -140,7 +147,12 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Pipelin
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set profiles.n_users=20")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote "
+                              f"strings and close brackets, e.g. --set {key.strip()}='[1, 2]'") from None
+        _set_dotted(data, key.strip(), value)
     config = config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
     config.source = path.resolve()
     return config

@@ -13,3 +13,11 @@ class ConfigError(SageError):
 
 class StageInputError(SageError):
     """A stage's inputs (upstream outputs, files, models) are missing or inconsistent."""
+
+
+class RunDirBusy(SageError):
+    """Another process holds the run directory's lock (one run per run directory)."""
+
+
+class DiskFullError(SageError):
+    """A write failed because the file system is full (ENOSPC)."""

@@ -14,9 +14,11 @@ renamed, so a reader sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from sage_builder.config_base import hashable_dump
-from sage_builder.errors import StageInputError
+from sage_builder.errors import ConfigError, DiskFullError, RunDirBusy, StageInputError
 
 MANIFEST_NAME = "manifest.json"
 ITEM_KEY = "item_key"
@@ -104,6 +106,7 @@ class OutputFile(BaseModel):
     sha256: str
     bytes: int
     rows: int | None = None
+    mtime_ns: int | None = Field(None, description="when it was written; a later change is checked by hash")
 
 
 class Manifest(BaseModel):
@@ -179,17 +182,92 @@ class StageDir:
         for rel in relpaths:
             path = self.file(rel)
             rows = pq.ParquetFile(path).metadata.num_rows if path.suffix == ".parquet" else None
-            described[rel] = OutputFile(sha256=file_sha256(path), bytes=path.stat().st_size, rows=rows)
+            stat = path.stat()
+            described[rel] = OutputFile(sha256=file_sha256(path), bytes=stat.st_size, rows=rows,
+                                        mtime_ns=stat.st_mtime_ns)
         return described
+
+    def output_problem(self, manifest: Manifest, full: bool = False) -> str | None:
+        """Why the outputs on disk are not the ones ``manifest`` lists (None if they are).
+
+        By default a file whose size and mtime are as recorded is trusted; one whose mtime moved is
+        hashed (a copy or ``touch`` that kept the bytes is fine). ``full`` hashes every file.
+        """
+        for rel, recorded in manifest.outputs.items():
+            path = self.file(rel)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return f"{path}: missing"
+            except OSError as exc:
+                return f"{path}: unreadable ({exc.strerror or type(exc).__name__})"
+            if stat.st_size != recorded.bytes:
+                return f"{path}: modified ({stat.st_size} bytes, {recorded.bytes} when written)"
+            if full or recorded.mtime_ns is None or stat.st_mtime_ns != recorded.mtime_ns:
+                try:
+                    digest = file_sha256(path)
+                except OSError as exc:
+                    return f"{path}: unreadable ({exc.strerror or type(exc).__name__})"
+                if digest != recorded.sha256:
+                    return f"{path}: modified (sha256 differs from the one recorded when it was written)"
+        return None
 
     def has_partial_work(self) -> bool:
         items = self.path / "_items"
         return items.exists() and any(items.rglob("*.parquet"))
 
 
+LOCK_NAME = ".sage.lock"
+_HELD: dict[str, int] = {}  # run dirs this process holds -> nesting depth (`sage run` holds it across stages)
+
+
 class RunDir:
     def __init__(self, root: Path | str):
         self.root = Path(root)
+
+    def check_usable(self) -> None:
+        """The run directory is a folder, or can become one: not a file, not under a file."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--run-dir {self.root}: is a file, not a directory; give a folder for the run")
+        for parent in self.root.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"--run-dir {self.root}: {parent} is a file, so no folder can be made under "
+                                      f"it; give another --run-dir")
+                if not os.access(parent, os.W_OK | os.X_OK) and not self.root.exists():
+                    raise ConfigError(f"--run-dir {self.root}: cannot create it ({parent} is not writable)")
+                break
+        if self.root.is_dir() and not os.access(self.root, os.W_OK | os.X_OK):
+            raise ConfigError(f"--run-dir {self.root}: not writable by this user; fix its permissions or use "
+                              "another --run-dir")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for this process: a second run on it stops at once, in one line.
+
+        An OS lock (``flock``) on ``RUN/.sage.lock``: the kernel releases it when the holder dies, so a
+        killed run never blocks the next one. The file says who holds it, for the message, and is
+        removed on release.
+        """
+        key = str(self.root.resolve())
+        if key in _HELD:
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_NAME
+        handle = _acquire_lock(path)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            with contextlib.suppress(OSError):
+                path.unlink()
+            handle.close()  # closing drops the flock
 
     def stage(self, name: str) -> StageDir:
         return StageDir(self, name)
@@ -201,6 +279,62 @@ class RunDir:
             raise StageInputError(f"{who} the outputs of stage '{stage}' in {self.root}, which is not done; "
                                   f"run `sage stage {stage} --run-dir {self.root}` first")
         return manifest
+
+
+def _acquire_lock(path: Path) -> Any:
+    import fcntl
+    import socket
+
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise RunDirBusy(f"{path.parent}: in use by another run ({holder or 'holder unknown'}); wait for it "
+                             f"to finish or use another --run-dir") from None
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder removed the file between our open and our lock: take the new one
+            handle.close()
+            continue
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {since}")
+        handle.flush()
+        return handle
+
+
+def disk_full_cause(exc: BaseException) -> BaseException | None:
+    """The ENOSPC error behind ``exc`` (wrapped or chained by a writer thread, safetensors, ...)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "errno", None) == errno.ENOSPC or "No space left on device" in str(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full_error(exc: BaseException, where: Path, needed_bytes: int | None) -> DiskFullError:
+    """One line: the disk is full, where, how much is free, and how much the stage needs."""
+    filename = getattr(exc, "filename", None)
+    target = Path(filename) if filename else where
+    probe = next((p for p in [target, *target.parents] if p.exists()), where)
+    free = shutil.disk_usage(probe).free
+    need = (f"; the stage needs about {_mb(needed_bytes)} more" if needed_bytes else "")
+    return DiskFullError(f"disk full (no space left on device) writing {target}: {_mb(free)} free there{need}; "
+                         f"free some space or use a --run-dir on a larger disk, then rerun: finished items are kept")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 class ItemCache:

@@ -62,8 +62,6 @@ def test_profile_row_with_unknown_category(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sage_builder.store import file_sha256
-
     run, config = make_fake_run(tmp_path / "run", n_users=8, pairs_per_category=1)
     path = run.stage("profiles").file("profiles.parquet")
     table = pq.read_table(path)
@@ -72,7 +70,7 @@ def test_profile_row_with_unknown_category(tmp_path):
     table = table.set_column(table.schema.get_field_index("banned"), "banned", pa.array(banned, pa.list_(pa.string())))
     pq.write_table(table, path)
     manifest = run.stage("profiles").read_manifest()
-    manifest.outputs["profiles.parquet"].sha256 = file_sha256(path)  # a consistent but wrong stage 1
+    manifest.outputs.update(run.stage("profiles").describe_outputs(["profiles.parquet"]))  # consistent but wrong
     run.stage("profiles").write_manifest(manifest)
     with pytest.raises(StageInputError, match=r"profiles.parquet row 3 \(user 0000004\): banned category "
                                               r"'Illegal Activity'"):

@@ -7,20 +7,23 @@ A stage says *what* it computes (``run``) and what determines its output (``fing
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
-from sage_builder.errors import SageError
+from sage_builder.errors import SageError, StageInputError
 from sage_builder.planning import MeasuredCost, llm_usage_cost
-from sage_builder.store import Manifest, RunDir, StageDir, file_sha256, package_versions, stable_hash, write_parquet
+from sage_builder.store import (LOCK_NAME, Manifest, RunDir, StageDir, atomic_write_text, disk_full_cause,
+                                disk_full_error, file_sha256, package_versions, stable_hash, write_parquet)
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
@@ -156,7 +159,7 @@ def fingerprint(stage: Stage, config: PipelineConfig, run: RunDir) -> tuple[str,
 class StageStatus:
     name: str
     number: int
-    state: str  # done | stale | partial | missing
+    state: str  # done | modified | stale | partial | missing
     rows: dict[str, int]
     outputs: list[str]
     manifest_hash: str | None
@@ -166,7 +169,8 @@ class StageStatus:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir) -> StageStatus:
+def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir, verify: bool = False) -> StageStatus:
+    """``verify`` hashes every output; by default only files whose size or mtime moved are hashed."""
     stage_dir = run.stage(stage.name)
     manifest = stage_dir.read_manifest()
     if manifest is None:
@@ -174,8 +178,11 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir) -> St
         return StageStatus(stage.name, stage.number, state, {}, [], None, None, None)
     state, reason = "done", ""
     missing = [rel for rel in manifest.outputs if not stage_dir.file(rel).exists()]
+    problem = None if missing else stage_dir.output_problem(manifest, full=verify)
     if missing:
         state, reason = "partial", f"output missing: {missing[0]}"
+    elif problem:
+        state, reason = "modified", f"{problem}; `sage stage {stage.name}` rebuilds it from its item cache"
     else:
         for name, recorded in manifest.inputs.items():
             upstream = run.stage(name).read_manifest()
@@ -212,22 +219,126 @@ def stage_options(stage: Stage, options: StageOptions | dict[str, Any] | None) -
 
 
 def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = False,
-              options: StageOptions | dict[str, Any] | None = None) -> Manifest:
-    """Run one stage unless its manifest already matches; write the manifest last."""
+              options: StageOptions | dict[str, Any] | None = None, save_config: bool = False) -> Manifest:
+    """Run one stage unless its manifest already matches and its outputs are intact; write the manifest
+    last. Every check comes before the first write; one run at a time holds the run directory
+    (``RunDir.lock``); ``save_config`` records the resolved config as ``RUN/config.yaml`` (the CLI)."""
     stage_dir = run.stage(stage.name)
     opts = stage_options(stage, options)
     if stage.distributed and config.executor == "ray":
         from sage_builder.executors.ray_cluster import import_ray
 
         import_ray()  # not installed: one line now, before anything is written
-    stage.check(config, run)
+    run.check_usable()
+    with readable_inputs(stage, run):
+        stage.check(config, run)
+    verify_inputs(stage, run)
     value, inputs = fingerprint(stage, config, run)
+    if is_worker_rank():
+        return _run_checked(stage, config, run, force, opts, value, inputs, save_config)
+    created_root = not run.root.exists()
+    try:
+        with run.lock():
+            return _run_checked(stage, config, run, force, opts, value, inputs, save_config)
+    except BaseException as exc:
+        if created_root:
+            with contextlib.suppress(OSError):
+                run.root.rmdir()  # only if this failed run left it empty
+        cause = disk_full_cause(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise disk_full_error(cause, stage_dir.path, space_needed(stage_dir)) from None
+        raise
+
+
+def is_worker_rank() -> bool:
+    """Under `accelerate launch` / torchrun, ranks other than 0 compute but never record the stage."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def verify_inputs(stage: Stage, run: RunDir, full: bool = False) -> None:
+    """Every input stage is done and its files are the ones its manifest lists (size and mtime, or hash)."""
+    for name in stage.inputs:
+        manifest = run.manifest_of(name, needed_by=stage.name)
+        problem = run.stage(name).output_problem(manifest, full=full)
+        if problem is not None:
+            raise StageInputError(f"{problem}: corrupt or edited since stage '{name}' wrote it, so stage "
+                                  f"'{stage.name}' cannot use it; rerun `sage stage {name} --run-dir {run.root}` "
+                                  "(it rebuilds the file from its item cache)")
+
+
+@contextlib.contextmanager
+def readable_inputs(stage: Stage, run: RunDir) -> Iterator[None]:
+    """A Parquet input that cannot be read becomes one line naming the damaged file and its stage."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except pa.ArrowException as exc:
+        log.debug("stage %s: unreadable input", stage.name, exc_info=True)
+        verify_inputs(stage, run, full=True)  # names the file when it differs from its manifest
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageInputError(f"stage '{stage.name}': an input file is not readable Parquet ({first[:160]}); "
+                              f"`sage status --verify {run.root}` finds the damaged file") from None
+
+
+def space_needed(stage_dir: StageDir) -> int | None:
+    """About what finishing the stage still writes: its outputs are assembled from its item cache."""
+    items = stage_dir.path / "_items"
+    total = sum(f.stat().st_size for f in items.rglob("*") if f.is_file()) if items.exists() else 0
+    return total or None
+
+
+def _snapshot(root: Path) -> tuple[set[str], set[str]]:
+    """(files, folders) under ``root``, relative, leaving out the lock."""
+    files, folders = set(), set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        folders.update(str(rel / d) for d in dirnames)
+        files.update(str(rel / f) for f in filenames if f != LOCK_NAME)
+    return files, folders
+
+
+def _run_checked(stage: Stage, config: PipelineConfig, run: RunDir, force: bool, opts: StageOptions, value: str,
+                 inputs: dict[str, str], save_config: bool) -> Manifest:
+    """The part of ``run_stage`` that writes, once every check has passed. If it fails before it
+    finished any item, the run directory is put back as it was: the config, the manifest, folders."""
+    stage_dir = run.stage(stage.name)
+    config_path = run.root / "config.yaml"
+    saved_config = config_path.read_bytes() if config_path.exists() else None
+    files_before, folders_before = _snapshot(run.root)
     existing = stage_dir.read_manifest()
-    if existing is not None and not force and existing.fingerprint == value:
-        if all(stage_dir.file(rel).exists() for rel in existing.outputs):
-            log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
-            stage.extras(run, config, opts)
-            return existing
+    try:
+        if save_config and not is_worker_rank():
+            from sage_builder.config import dump_config
+
+            atomic_write_text(config_path, dump_config(config))
+        if existing is not None and not force and existing.fingerprint == value:
+            problem = stage_dir.output_problem(existing)
+            if problem is None:
+                log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
+                stage.extras(run, config, opts)
+                return existing
+            log.warning("stage %s: %s; rebuilding it from the item cache", stage.name, problem)
+        return _run_and_record(stage, config, run, force, opts, value, inputs, existing)
+    except BaseException:
+        files_after, folders_after = _snapshot(run.root)
+        if existing is not None and not stage_dir.manifest_path.exists() \
+                and stage_dir.output_problem(existing) is None:
+            stage_dir.write_manifest(existing)  # its outputs are intact: the stage is still done
+        if not (files_after - files_before - {"config.yaml"}):
+            if saved_config is None:
+                config_path.unlink(missing_ok=True)
+            elif config_path.exists() and config_path.read_bytes() != saved_config:
+                atomic_write_text(config_path, saved_config.decode("utf-8"))
+            for folder in sorted(folders_after - folders_before, key=len, reverse=True):
+                with contextlib.suppress(OSError):
+                    (run.root / folder).rmdir()  # empty folders this run made
+        raise
+
+
+def _run_and_record(stage: Stage, config: PipelineConfig, run: RunDir, force: bool, opts: StageOptions, value: str,
+                    inputs: dict[str, str], existing: Manifest | None) -> Manifest:
+    stage_dir = run.stage(stage.name)
     if existing is not None:
         stage_dir.invalidate()
     if force:
@@ -235,7 +346,8 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
     started = time.time()
     ctx = StageContext(config=config, run=run, stage_dir=stage_dir, options=opts)
     ctx.models = stage.model_ids(config)
-    stage.run(ctx)
+    with readable_inputs(stage, run):
+        stage.run(ctx)
     described = stage_dir.describe_outputs(ctx.outputs)
     finished = time.time()
     manifest = Manifest(
@@ -253,9 +365,8 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
         seconds=round(finished - started, 3),
         stats=ctx.stats,
     )
-    if os.environ.get("RANK", "0") != "0":
-        # Under `accelerate launch` / torchrun only rank 0 records the stage (its outputs are complete).
-        return manifest
+    if is_worker_rank():
+        return manifest  # rank 0 records the stage (its outputs are complete)
     stage_dir.write_manifest(manifest)
     log.info("stage %s: done in %.1f s -> %s", stage.name, manifest.seconds, stage_dir.path)
     stage.extras(run, config, ctx.options)
