@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from sage_builder.errors import SageError, StageInputError
@@ -65,6 +66,7 @@ IMPORT_CHECKS = {
 BATCH_RECORDS = 4096
 IMPORTED_NAME = "Sage (imported from the psalign layout)"
 PAIR_BATCH = 256
+USER_BATCH = 64
 
 
 def users_schema(dim: int) -> pa.Schema:
@@ -138,7 +140,7 @@ class PsalignImport:
         """Split files, record counts, the users file and the embeddings' size; one line on bad input."""
         if not self.source.is_dir():
             raise StageInputError(f"{self.source}: no such folder (a psalign export: <split>/metadata.jsonl + JPEGs)")
-        first_test: str | None = None
+        first_test: tuple[str, str] | None = None  # (where, line) of the first test record
         for split in RECORD_SPLITS:
             folder = self.source / split
             if not folder.is_dir():
@@ -148,15 +150,15 @@ class PsalignImport:
                                       f"and its JPEGs)")
             self.splits[split], first = split_lines(folder / "metadata.jsonl")
             if uses_test_index(split) and first and first_test is None:
-                first_test = first
+                first_test = (f"{folder / 'metadata.jsonl'} (first record)", first)
         if not self.splits:
             raise StageInputError(f"{self.source}: no metadata.jsonl in any of {', '.join(RECORD_SPLITS)} "
                                   f"(expected <split>/metadata.jsonl)")
         if self.test_index is None:
             self.test_index = 10  # the published test index, when there is no test split to read it from
             if first_test is not None:
-                meta = parse_record(first_test, "first test record")
-                self.test_index = record_names(meta, self.by_lower, "first test record").idx
+                where, line = first_test
+                self.test_index = record_names(parse_record(line, where), self.by_lower, where).idx
         self.users = read_users_csv(self.users_file, self.categories)
         self.dim = embedding_dim(self.embeddings, list(self.users), set())
         self.with_embedding = {uid for uid in self.users if (self.embeddings / f"{uid}.npy").is_file()}
@@ -304,17 +306,27 @@ class PsalignImport:
                 "labeller": "file", "embedding": embedding, "cluster_id": self.user_cluster.get(user.user_id),
                 "level": None, "split": role, "test_seen": "test_seen" in splits}
 
+    def _users_table(self, rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+        """Rows to a table, the embeddings as one float32 block (Python floats would cost ~7x the memory)."""
+        vectors = [row.pop("embedding") for row in rows]
+        at = schema.get_field_index("embedding")
+        table = pa.Table.from_pylist(rows, schema=schema.remove(at))
+        flat = np.concatenate([v if v is not None else np.zeros(self.dim, np.float32) for v in vectors])
+        column = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dim,
+                                                   mask=pa.array([v is None for v in vectors]))
+        return table.add_column(at, schema.field("embedding"), column)
+
     def _write_users(self, root: Path, shard_rows: int) -> SplitWriter:
         schema = users_schema(self.dim)
         writer = SplitWriter(root, "users", SINGLE_SPLIT, schema, len(self.users), shard_rows)
         rows: list[dict[str, Any]] = []
         for user in self.users.values():
             rows.append(self._user_row(user))
-            if len(rows) >= 1024:
-                writer.write(pa.Table.from_pylist(rows, schema=schema))
+            if len(rows) >= USER_BATCH:
+                writer.write(self._users_table(rows, schema))
                 rows = []
         if rows:
-            writer.write(pa.Table.from_pylist(rows, schema=schema))
+            writer.write(self._users_table(rows, schema))
         return writer
 
     def write(self, root: Path, shard_rows: Any) -> dict[str, Any]:

@@ -201,9 +201,9 @@ def embedding_dim(folder: Path, user_ids: list[str], needed: set[str]) -> int:
     return int(dim)
 
 
-def load_embedding(folder: Path, uid: str) -> list[float] | None:
+def load_embedding(folder: Path, uid: str) -> np.ndarray | None:
     path = folder / f"{uid}.npy"
-    return np.load(path).astype(np.float32).reshape(-1).tolist() if path.is_file() else None
+    return np.load(path).astype(np.float32).reshape(-1) if path.is_file() else None
 
 
 def model_hidden_size(ref: str) -> int:
