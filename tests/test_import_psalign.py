@@ -272,3 +272,16 @@ def test_train_stage_trains_on_an_imported_dataset(imported, models_dir, tmp_pat
     assert manifest.stats["steps"] == 2 and manifest.stats["records"] == 10 * 7 * 2 * 2
     adapter = json.loads((run / "train" / "adapter" / "adapter_config.json").read_text())
     assert adapter["embedding_dim"] == 8  # the adapter's input size comes from the imported embeddings
+
+
+def test_publish_takes_an_imported_dataset(imported, tmp_path):
+    from sage_builder.config import config_from_dict
+    from sage_builder.store import RunDir
+
+    _, run_dir = imported
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = config_from_dict({"name": "t", "llm": {"model": "x"}})  # no repo_id: a dry-run plan, no network
+    manifest = run_stage(get_stage("publish"), config, RunDir(run))
+    files = {p.relative_to(run / "label").as_posix() for p in (run / "label" / "dataset").rglob("*") if p.is_file()}
+    assert manifest.stats["dry_run"] and manifest.stats["add"] == len(files) + 1  # + manifests/label.json
