@@ -322,13 +322,13 @@ def disk_full_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def disk_full_error(exc: BaseException, where: Path, needed_bytes: int | None) -> DiskFullError:
-    """One line: the disk is full, where, how much is free, and how much the stage needs."""
+def disk_full_error(exc: BaseException, where: Path, needed: tuple[int, str] | None) -> DiskFullError:
+    """One line: the disk is full, where, how much is free, and about how much the stage writes."""
     filename = getattr(exc, "filename", None)
     target = Path(filename) if filename else where
     probe = next((p for p in [target, *target.parents] if p.exists()), where)
     free = shutil.disk_usage(probe).free
-    need = (f"; the stage needs about {_mb(needed_bytes)} more" if needed_bytes else "")
+    need = f"; the stage needs about {_mb(needed[0])} ({needed[1]})" if needed else ""
     return DiskFullError(f"disk full (no space left on device) writing {target}: {_mb(free)} free there{need}; "
                          f"free some space or use a --run-dir on a larger disk, then rerun: finished items are kept")
 

@@ -246,7 +246,7 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
                 run.root.rmdir()  # only if this failed run left it empty
         cause = disk_full_cause(exc) if isinstance(exc, Exception) else None
         if cause is not None:
-            raise disk_full_error(cause, stage_dir.path, space_needed(stage_dir)) from None
+            raise disk_full_error(cause, stage_dir.path, space_needed(stage, run)) from None
         raise
 
 
@@ -281,11 +281,15 @@ def readable_inputs(stage: Stage, run: RunDir) -> Iterator[None]:
                               f"`sage status --verify {run.root}` finds the damaged file") from None
 
 
-def space_needed(stage_dir: StageDir) -> int | None:
-    """About what finishing the stage still writes: its outputs are assembled from its item cache."""
-    items = stage_dir.path / "_items"
-    total = sum(f.stat().st_size for f in items.rglob("*") if f.is_file()) if items.exists() else 0
-    return total or None
+def space_needed(stage: Stage, run: RunDir) -> tuple[int, str] | None:
+    """A rough size of what the stage writes, and where the figure comes from."""
+    items = run.stage(stage.name).path / "_items"
+    cached = sum(f.stat().st_size for f in items.rglob("*") if f.is_file()) if items.exists() else 0
+    if cached:
+        return cached, "its outputs are assembled from its item cache of that size"
+    upstream = [run.stage(name).read_manifest() for name in stage.inputs]
+    total = sum(f.bytes for m in upstream if m is not None for f in m.outputs.values())
+    return (total, "the size of its inputs") if total else None
 
 
 def _snapshot(root: Path) -> tuple[set[str], set[str]]:
