@@ -54,6 +54,11 @@ class LLMConfig(StrictModel):
     retry_backoff_s: float = execution(1.0, ge=0.0, description="openai backend: first retry wait, doubling "
                                        "up to 60 s (a longer Retry-After header wins)")
     batch_size: int = execution(16, ge=1, description="transformers backend: prompts per generate() call")
+    decoder: Literal["cached", "generate"] = execution(
+        "cached", description="transformers backend: cached = own decoding loop, shared-prompt-prefix KV reuse "
+        "and a pre-allocated KV cache; generate = transformers' generate() (the earlier path, for comparison)")
+    threads: int | None = execution(None, ge=1, description="transformers backend on CPU: torch threads (null: "
+                                    "the cores not busy when the model loads, by the 1-minute load average)")
     tensor_parallel_size: int = execution(1, ge=1)
     gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0)
     max_model_len: int | None = execution(None, ge=64)

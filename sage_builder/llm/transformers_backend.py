@@ -1,30 +1,46 @@
 """In-process generation with transformers, constrained to the reply's JSON schema by llguidance.
 
-Requests are batched (``llm.batch_size`` prompts per ``generate`` call, left-padded, sorted by the
-length of their messages to waste little padding; see ``plan_chunks``) and each prompt goes
-through the model's chat template. A logits processor
-does two things per row and step: it masks every token that the row's llguidance matcher
-(compiled from the request's JSON schema, no free whitespace) would reject, then picks the next
-token itself, greedily when ``llm.temperature`` is 0, else by temperature/top-p sampling from
-the row's own ``torch.Generator`` seeded with the request's seed. ``generate`` then runs greedy
-over the single surviving token.
+Requests are batched (``llm.batch_size`` prompts per engine call, sorted by the length of their
+messages to waste little padding; see ``plan_chunks``) and each prompt goes through the model's
+chat template. Per row and step the next token is one the row's llguidance matcher (compiled from
+the request's JSON schema, no free whitespace) accepts, chosen greedily when ``llm.temperature`` is
+0, else by temperature/top-p sampling from draws of the row's own ``torch.Generator`` seeded with
+the request's seed.
+
+Two engines, chosen by ``llm.decoder`` (execution-only: it never enters item keys):
+
+- ``cached`` (default, ``prefix_decoding.py``): the chunk's shared prompt prefix is prefilled once
+  per model and reused across chunks, each row prefills only its own suffix into a pre-allocated
+  cache, finished rows are skipped and top-p runs for all rows at once.
+- ``generate``: transformers' ``generate`` over left-padded whole prompts with
+  :class:`ConstrainedSampler` as logits processor (the earlier path, kept for comparison).
 
 Seeds: a row's random draws depend only on its seed, never on the other rows. The logits
 themselves can still differ in the last bits between batch compositions (padding changes the
 matrix shapes), so identical output is guaranteed for the same seed *and* the same batch
-composition; across compositions it is identical up to such float ties.
+composition; across compositions it is identical up to such float ties. The two engines differ in
+the same way, and sample differently (inverse CDF vs ``torch.multinomial``): greedy replies agree
+up to float ties, sampled ones do not.
+
+Threads on CPU: ``llm.threads``, else the cores idle while the model loads (``/proc/stat``), at
+most torch's current setting; the choice is logged and recorded in the stage manifest's
+``llm_usage``. On this project's CPUs the thread count did not change a logit bit (1 vs 2 threads).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sage_builder.errors import SageError
 from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+from sage_builder.llm.prefix_decoding import (GuidedSampler, PrefixStore, RowOutcome, decode_batch,
+                                               make_forward, supports_cached_decoding, unpack_bitmask)
 from sage_builder.runtime import hub_offline, is_local_path, resolve_device, torch_dtype
 
 log = logging.getLogger("sage.llm.transformers")
@@ -38,6 +54,10 @@ class TransformersBackend(LLMBackend):
         self.tokenizer: Any = None
         self._ll_tokenizer: Any = None
         self._grammars: dict[str, str] = {}
+        self.threads: int | None = None
+        # The cached engine's state: one prefix store per loaded model (None: no prefix reuse).
+        self.prefix_store: PrefixStore | None = PrefixStore()
+        self._forward: Any = None
 
     def check_ready(self) -> None:
         self._load()
@@ -57,6 +77,8 @@ class TransformersBackend(LLMBackend):
             kwargs["gguf_file"] = c.gguf_file
         device = resolve_device(c.device, "llm.device")
         dtype = torch_dtype(c.dtype, device)
+        if device == "cpu":
+            self.threads = _set_cpu_threads(c.threads)
         try:
             tokenizer = AutoTokenizer.from_pretrained(c.model, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(c.model, dtype=dtype, **kwargs)
@@ -72,6 +94,19 @@ class TransformersBackend(LLMBackend):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
+        if c.decoder == "cached":
+            if supports_cached_decoding(self.model):
+                self._forward = make_forward(self.model)
+            else:
+                log.warning("llm.decoder: cached needs full-attention layers and sdpa or eager attention; "
+                            "'%s' is served by generate()", c.model)
+
+    def usage(self) -> dict[str, Any]:
+        store = self.prefix_store
+        return {**super().usage(), "decoder": "cached" if self._forward is not None else "generate",
+                "threads": self.threads,
+                "prefix_tokens_computed": store.computed_tokens if store else 0,
+                "prefix_tokens_reused": store.reused_tokens if store else 0}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "constrained_decoding": "llguidance"}
@@ -119,6 +154,20 @@ class TransformersBackend(LLMBackend):
                 request.messages, add_generation_prompt=True, tokenize=False)) for request, seed in chunk])
 
     def _generate(self, rows: list[tuple[LLMRequest, int, str]]) -> Iterator[tuple[str, str | TransportFailure]]:
+        if self._forward is None:
+            yield from self._generate_hf(rows)
+            return
+        tok = self.tokenizer
+        limits = [request.max_new_tokens or self.config.max_new_tokens for request, _, _ in rows]
+        sampler = GuidedSampler([self._matcher(request) for request, _, _ in rows], [seed for _, seed, _ in rows],
+                                limits, self.config.temperature, self.config.top_p, tok.eos_token_id,
+                                self._vocab_size(), self.device)
+        prompts = [tok(text, add_special_tokens=False)["input_ids"] for _, _, text in rows]
+        outcomes = decode_batch(self._forward, self.prefix_store, prompts, sampler, self.device)
+        for (request, _, _), outcome, limit in zip(rows, outcomes, limits):
+            yield request.key, _reply(tok.decode(outcome.tokens, skip_special_tokens=True), outcome, limit)
+
+    def _generate_hf(self, rows: list[tuple[LLMRequest, int, str]]) -> Iterator[tuple[str, str | TransportFailure]]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -139,22 +188,61 @@ class TransformersBackend(LLMBackend):
                                          logits_processor=LogitsProcessorList([processor]))
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         for row, (request, _, _) in enumerate(rows):
-            text = tok.decode(new_tokens[row], skip_special_tokens=True)
-            if processor.matchers[row].is_error():
-                yield request.key, TransportFailure("constraint_error", processor.matchers[row].get_error()[:200])
-            elif not processor.finished(row):
-                try:
-                    json.loads(text)
-                except json.JSONDecodeError:
-                    limit = processor.limits[row]
-                    yield request.key, TransportFailure("truncated", f"max_new_tokens={limit} reached")
-                    continue
-                yield request.key, text
-            else:
-                yield request.key, text
+            matcher = processor.matchers[row]
+            outcome = RowOutcome([], processor.finished(row), matcher.get_error()[:200] if matcher.is_error() else None)
+            yield request.key, _reply(tok.decode(new_tokens[row], skip_special_tokens=True), outcome,
+                                      processor.limits[row])
 
     def close(self) -> None:
-        self.model = self.tokenizer = self._ll_tokenizer = None
+        self.model = self.tokenizer = self._ll_tokenizer = self._forward = None
+        self.prefix_store = PrefixStore()
+
+
+def _reply(text: str, outcome: RowOutcome, limit: int) -> str | TransportFailure:
+    """A row's text, or why it has none: a grammar error, or its token limit reached mid-object."""
+    if outcome.error is not None:
+        return TransportFailure("constraint_error", outcome.error)
+    if not outcome.finished:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            return TransportFailure("truncated", f"max_new_tokens={limit} reached")
+    return text
+
+
+def _set_cpu_threads(configured: int | None) -> int:
+    """``llm.threads``, else the idle cores (never more than torch's current setting); logged."""
+    import torch
+
+    if configured:
+        threads, why = configured, "llm.threads"
+    else:
+        idle = _idle_cores()
+        current = torch.get_num_threads()
+        threads = max(1, min(current, round(idle))) if idle is not None else current
+        why = f"{idle:.1f} of {os.cpu_count()} cores idle" if idle is not None else "torch default"
+    torch.set_num_threads(threads)
+    log.info("transformers backend: %d torch thread(s) (%s)", threads, why)
+    return threads
+
+
+def _idle_cores(window_s: float = 0.5) -> float | None:
+    """Idle cores over a short window, from /proc/stat (None where there is none)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all non-guest time
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window_s)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores * (idle1 - idle0) / (total1 - total0)
 
 
 class ConstrainedSampler:
@@ -195,7 +283,7 @@ class ConstrainedSampler:
                 self._done[row] = matcher.is_accepting()
             if not self._done[row] and not matcher.is_error():
                 lltorch.fill_next_token_bitmask(matcher, bitmask, row)
-        allowed = _unpack_bitmask(bitmask, vocab).to(scores.device)
+        allowed = unpack_bitmask(bitmask, vocab).to(scores.device)
         logits = scores.float().masked_fill(~allowed, float("-inf"))
         stop = [self._done[row] or self.matchers[row].is_error() or step >= self.limits[row] for row in range(batch)]
         if self.temperature == 0.0:
@@ -225,10 +313,3 @@ def _top_p(probs: Any, top_p: float) -> Any:
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
-
-def _unpack_bitmask(bitmask: Any, vocab: int) -> Any:
-    """llguidance's int32 bitmask (bit i of word w = token 32*w+i) as a bool tensor [batch, vocab]."""
-    import torch
-
-    bits = torch.arange(32, dtype=torch.int32)
-    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]

@@ -1,0 +1,392 @@
+"""Batched, schema-constrained decoding that prefills a shared prompt prefix once.
+
+The transformers backend's default engine (``llm.decoder: cached``). Requests built from one
+template share most of their chat-templated tokens (the system message, the worked example); only
+the last lines differ. ``generate`` prefills every row's whole prompt and grows its KV cache with a
+``torch.cat`` per layer and step; here:
+
+- **Shared prefix.** P = the chunk's longest common token prefix, cut down to whole blocks of
+  ``PREFIX_BLOCK`` tokens and leaving every row at least one token of its own. The K/V of each block
+  come from :class:`PrefixStore` (per model, least recently used blocks dropped), so a template's
+  prefix is computed once and copied into every row of every later chunk.
+- **Pre-allocated cache.** :class:`SlotCache` holds [rows, heads, slots, dim] tensors sized for the
+  prompt and the longest reply; a step writes one slot, nothing is concatenated.
+- **Layout.** Slots ``[0, P)`` hold the prefix; the S = max L_r slots after it hold each row's own
+  L_r suffix tokens right-aligned (so every row's last prompt token is at slot P+S-1); generated
+  tokens follow. The masked gap before a short suffix is never attended by real tokens (a gap
+  slot's query sees only itself, so it stays finite and is ignored).
+- **Positions.** ``position_ids`` are explicit: row r's suffix token j is at position P+j and its
+  t-th new token at P+L_r+t, the positions it has alone and unpadded; the 4-D mask is causal in slot
+  order, which is token order within a row. So each row attends exactly the keys it has alone at
+  the positions it has alone; only float reduction order can differ (longer, zero-weighted key axes,
+  other matrix shapes), as it already did with left padding.
+- **Finished rows leave.** Once a quarter of the batch has finished, those rows are dropped from
+  the cache and the batch, so later steps compute only rows still writing.
+- **Reproducible.** A chunk's tokens are a function of the chunk alone: a block's K/V are always
+  computed the same way (one forward of its ``PREFIX_BLOCK`` tokens over the blocks before it, in a
+  cache of exactly that length), whether the store held it already or not. A resumed run therefore
+  gets the same bytes as an uninterrupted one.
+
+:class:`GuidedSampler` chooses each row's next token: llguidance's mask for rows still running
+(finished rows are skipped), then argmax (temperature 0) or top-p sampling done for all rows at
+once: the kept set comes from a top-k of the probabilities (64, else 1024, a full sort only when
+even that mass is below ``top_p``) and the draw is an inverse-CDF lookup of the row's own uniform, drawn in advance
+from the row's ``torch.Generator``: a row's draws depend on its seed only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX_BLOCK = 16
+PREFIX_STORE_TOKENS = 4096
+TOP_K_TRIES = (64, 1024, 1 << 62)
+
+
+def _cache_classes() -> tuple[type, type]:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class SlotLayer(CacheLayerMixin):
+        """One layer's [rows, heads, capacity, dim] K/V; writes at the cache's cursor, returns slots [0, end)."""
+
+        is_sliding = False
+
+        def __init__(self, owner: Any):
+            super().__init__()
+            self.owner = owner
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            rows, heads, _, k_dim = key_states.shape
+            self.keys = key_states.new_zeros((rows, heads, self.owner.capacity, k_dim))
+            self.values = value_states.new_zeros((rows, heads, self.owner.capacity, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.owner.start
+            end = start + key_states.shape[-2]
+            self.keys[:, :, start:end] = key_states
+            self.values[:, :, start:end] = value_states
+            return self.keys[:, :, :end], self.values[:, :, :end]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.owner.start + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.owner.start
+
+        def get_max_length(self) -> int:
+            return self.owner.capacity
+
+    class SlotCache(Cache):
+        """A pre-allocated KV cache whose write position (``start``) the decoding loop sets."""
+
+        def __init__(self, n_layers: int, capacity: int):
+            self.capacity = capacity
+            self.start = 0
+            super().__init__(layers=[SlotLayer(self) for _ in range(n_layers)])
+
+        def keep_rows(self, index: Any) -> None:
+            for layer in self.layers:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+
+        def fill_prefix(self, prefix: Sequence[tuple[Any, Any]], rows: int) -> None:
+            """Copy a [1, heads, P, dim] K/V per layer into slots [0, P) of every row."""
+            for layer, (keys, values) in zip(self.layers, prefix):
+                heads, length = keys.shape[1], keys.shape[2]
+                layer.keys = keys.new_zeros((rows, heads, self.capacity, keys.shape[3]))
+                layer.values = values.new_zeros((rows, heads, self.capacity, values.shape[3]))
+                layer.keys[:, :, :length] = keys
+                layer.values[:, :, :length] = values
+                layer.is_initialized = True
+
+    return SlotLayer, SlotCache
+
+
+class _Forward:
+    """``model(...)`` with our cache, an explicit 4-D mask and positions, logits of the last slot only."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        _, self.cache_class = _cache_classes()
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        implementation = getattr(model.config, "_attn_implementation", "sdpa")
+        self.additive = implementation == "eager"  # eager attention adds the mask; sdpa takes booleans
+
+    def new_cache(self, capacity: int) -> Any:
+        return self.cache_class(self.n_layers, capacity)
+
+    def __call__(self, cache: Any, start: int, input_ids: Any, position_ids: Any, mask: Any) -> Any:
+        import torch
+
+        cache.start = start
+        if self.additive:
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{self.cache_kwarg: cache})
+        return out.logits[:, -1, :]
+
+
+def make_forward(model: Any) -> _Forward:
+    return _Forward(model)
+
+
+def supports_cached_decoding(model: Any) -> bool:
+    """Full-attention decoder layers only: sliding-window and hybrid layers need transformers' own caches."""
+    config = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    return kinds == {"full_attention"} and implementation in ("sdpa", "eager")
+
+
+class PrefixStore:
+    """K/V of prompt-prefix blocks, keyed by all tokens up to the block's end (one store per model)."""
+
+    def __init__(self, block: int = PREFIX_BLOCK, max_tokens: int = PREFIX_STORE_TOKENS):
+        self.block = block
+        self.max_blocks = max(1, max_tokens // block)
+        self._blocks: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self.computed_tokens = 0
+        self.reused_tokens = 0
+
+    def kv(self, forward: _Forward, tokens: Sequence[int], device: Any) -> list[tuple[Any, Any]]:
+        """Per layer a [1, heads, len(tokens), dim] K/V pair; ``len(tokens)`` is a multiple of the block."""
+        import torch
+
+        blocks: list[list[tuple[Any, Any]]] = []
+        for end in range(self.block, len(tokens) + 1, self.block):
+            key = tuple(tokens[:end])
+            cached = self._blocks.get(key)
+            if cached is None:
+                cached = self._compute(forward, tokens[end - self.block:end], blocks, end, device)
+                self._blocks[key] = cached
+                self.computed_tokens += self.block
+                while len(self._blocks) > self.max_blocks:
+                    self._blocks.popitem(last=False)
+            else:
+                self._blocks.move_to_end(key)
+                self.reused_tokens += self.block
+            blocks.append(cached)
+        return [(torch.cat([b[layer][0] for b in blocks], dim=2), torch.cat([b[layer][1] for b in blocks], dim=2))
+                for layer in range(forward.n_layers)]
+
+    def _compute(self, forward: _Forward, block_tokens: Sequence[int], before: list[list[tuple[Any, Any]]],
+                 end: int, device: Any) -> list[tuple[Any, Any]]:
+        import torch
+
+        # Always the same computation for the same tokens: a cache of exactly `end` slots, the blocks
+        # before this one copied in, this block's tokens at their own positions.
+        cache = forward.new_cache(end)
+        start = end - self.block
+        if before:
+            past = [(torch.cat([b[layer][0] for b in before], dim=2), torch.cat([b[layer][1] for b in before], dim=2))
+                    for layer in range(forward.n_layers)]
+            cache.fill_prefix(past, rows=1)
+        ids = torch.tensor([list(block_tokens)], device=device)
+        positions = torch.arange(start, end, device=device).unsqueeze(0)
+        mask = torch.ones(end, end, dtype=torch.bool, device=device).tril()[start:end].view(1, 1, self.block, end)
+        forward(cache, start, ids, positions, mask)
+        return [(layer.keys[:, :, start:end].clone(), layer.values[:, :, start:end].clone()) for layer in cache.layers]
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]], block: int) -> int:
+    """Whole blocks of the longest common prefix, leaving each row at least one token of its own."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    first = rows[0]
+    while n < shortest - 1 and all(r[n] == first[n] for r in rows[1:]):
+        n += 1
+    return (n // block) * block
+
+
+@dataclass
+class RowOutcome:
+    tokens: list[int]
+    finished: bool  # ended by EOS, by a complete grammar, or accepting at its token limit
+    error: str | None
+
+
+@dataclass
+class Prefill:
+    """A chunk after its prompt: the cache, each row's first-token logits and where decoding goes on."""
+
+    cache: Any
+    logits: Any
+    valid: Any  # [rows, capacity] bool: the slots each row attends
+    next_position: Any  # [rows] the position of each row's next token
+    slot: int  # the cache slot of the next token (the same for every row)
+
+
+def prefill(forward: _Forward, store: PrefixStore | None, prompts: Sequence[Sequence[int]], new_tokens: int,
+            device: Any) -> Prefill:
+    """The shared prefix from the store, then every row's own suffix in one forward (module docstring)."""
+    import torch
+
+    rows = len(prompts)
+    prefix = common_prefix_length(prompts, store.block) if store is not None else 0
+    suffixes = [list(p[prefix:]) for p in prompts]
+    width = max(len(s) for s in suffixes)
+    capacity = prefix + width + new_tokens
+    cache = forward.new_cache(capacity)
+    if prefix:
+        cache.fill_prefix(store.kv(forward, prompts[0][:prefix], device), rows)
+
+    valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+    valid[:, :prefix] = True
+    ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+    positions = torch.full((rows, width), prefix, dtype=torch.long, device=device)
+    for r, suffix in enumerate(suffixes):
+        gap = width - len(suffix)
+        ids[r, gap:] = torch.tensor(suffix, dtype=torch.long)
+        positions[r, gap:] = torch.arange(prefix, prefix + len(suffix))
+        valid[r, prefix + gap:prefix + width] = True
+    slots = torch.arange(prefix + width, device=device)
+    causal = slots.view(1, -1) <= slots[prefix:].view(-1, 1)  # [width, prefix + width]
+    mask = valid[:, None, None, :prefix + width] & causal[None, None]
+    mask |= (slots.view(1, -1) == slots[prefix:].view(-1, 1))[None, None]  # gap queries see themselves
+    with torch.inference_mode():
+        logits = forward(cache, prefix, ids, positions, mask)
+    return Prefill(cache, logits, valid, positions[:, -1] + 1, prefix + width)
+
+
+def decode_batch(forward: _Forward, store: PrefixStore | None, prompts: Sequence[Sequence[int]],
+                 sampler: GuidedSampler, device: Any) -> list[RowOutcome]:
+    """Generate for every row until it finishes or reaches its limit; see the module docstring."""
+    import torch
+
+    state = prefill(forward, store, prompts, max(sampler.limits), device)
+    cache, logits, valid, next_position, slot = (state.cache, state.logits, state.valid, state.next_position,
+                                                 state.slot)
+    with torch.inference_mode():
+        present = list(range(len(prompts)))  # the request row held in each batch row
+        while True:
+            tokens = sampler.step(logits, present)
+            if sampler.all_done():
+                break
+            keep = [i for i, r in enumerate(present) if not sampler.done[r]]
+            if len(present) - len(keep) >= max(1, len(present) // 4):
+                # Drop finished rows from the batch: later steps compute only rows still writing.
+                index = torch.tensor(keep, device=device)
+                cache.keep_rows(index)
+                valid, next_position, tokens = valid[index], next_position[index], tokens[index]
+                present = [present[i] for i in keep]
+            valid[:, slot] = True
+            logits = forward(cache, slot, tokens.view(-1, 1), next_position.view(-1, 1),
+                             valid[:, None, None, :slot + 1])
+            next_position += 1
+            slot += 1
+    return sampler.outcomes()
+
+
+class GuidedSampler:
+    """Per row: llguidance mask, then argmax or seeded top-p; skips rows that have finished."""
+
+    def __init__(self, matchers: list[Any], seeds: list[int], limits: list[int], temperature: float,
+                 top_p: float, eos_token_id: int, vocab: int, device: Any):
+        import torch
+
+        self.matchers = matchers
+        self.limits = limits
+        self.temperature = temperature
+        self.top_p = top_p
+        self.eos_token_id = eos_token_id
+        self.vocab = vocab
+        self.device = device
+        self.tokens: list[list[int]] = [[] for _ in matchers]
+        self.done = [False] * len(matchers)
+        self.finished = [False] * len(matchers)
+        self.errors: list[str | None] = [None] * len(matchers)
+        # Row r's t-th draw is uniforms[r][t], from its own generator: independent of the other rows.
+        self.uniforms = None
+        if temperature > 0.0:
+            width = max(limits)
+            self.uniforms = torch.stack([
+                torch.nn.functional.pad(torch.rand(limit, generator=torch.Generator().manual_seed(seed)),
+                                        (0, width - limit)) for seed, limit in zip(seeds, limits)]).to(device)
+        self._bitmask = None
+
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def outcomes(self) -> list[RowOutcome]:
+        return [RowOutcome(t, f, e) for t, f, e in zip(self.tokens, self.finished, self.errors)]
+
+    def step(self, logits: Any, present: Sequence[int]) -> Any:
+        """Tokens for the batch rows (``present[i]`` = request row of batch row i; EOS where finished).
+
+        Masks and sampling only for the rows still running; each chosen token is fed to its matcher.
+        """
+        import llguidance.torch as lltorch
+        import torch
+
+        chosen = torch.full((len(present),), self.eos_token_id, dtype=torch.long, device=logits.device)
+        active = [i for i, r in enumerate(present) if not self.done[r]]
+        if not active:
+            return chosen
+        if self._bitmask is None:
+            self._bitmask = lltorch.allocate_token_bitmask(len(present), self.vocab)
+        for n, i in enumerate(active):
+            lltorch.fill_next_token_bitmask(self.matchers[present[i]], self._bitmask, n)
+        index = torch.tensor(active, device=logits.device)
+        allowed = unpack_bitmask(self._bitmask[:len(active)], self.vocab).to(logits.device)
+        scores = logits.index_select(0, index).float()[:, :self.vocab].masked_fill(~allowed, float("-inf"))
+        if self.uniforms is None:
+            picked = torch.argmax(scores, dim=-1)
+        else:
+            rows = torch.tensor([present[i] for i in active], device=logits.device)
+            draws = torch.tensor([len(self.tokens[present[i]]) for i in active], device=logits.device)
+            picked = self._sample(scores, self.uniforms[rows, draws])
+        chosen[index] = picked
+        for i, token in zip(active, picked.tolist()):
+            self._feed(present[i], token)
+        return chosen
+
+    def _sample(self, scores: Any, uniforms: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(scores / self.temperature, dim=-1)
+        if self.top_p >= 1.0:
+            values, order = probs, None
+        else:
+            for k in TOP_K_TRIES:  # a flat row's kept set may pass the top-k: try a wider one, at worst sort
+                values, order = probs.topk(k, dim=-1) if k < self.vocab else torch.sort(probs, dim=-1, descending=True)
+                if k >= self.vocab or not bool((values.sum(dim=-1) < self.top_p).any()):
+                    break
+            drop = torch.cumsum(values, dim=-1) - values >= self.top_p  # the top token always stays
+            values = values.masked_fill(drop, 0.0)
+        cdf = torch.cumsum(values, dim=-1)
+        target = (uniforms * cdf[:, -1]).unsqueeze(1)
+        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=values.shape[1] - 1)
+        return pick.squeeze(1) if order is None else order.gather(1, pick).squeeze(1)
+
+    def _feed(self, row: int, token: int) -> None:
+        matcher = self.matchers[row]
+        if token == self.eos_token_id:
+            self.done[row] = self.finished[row] = True
+            return
+        self.tokens[row].append(token)
+        if not matcher.consume_token(token) or matcher.is_error():
+            self.done[row] = True
+            self.errors[row] = (matcher.get_error() or "token rejected")[:200]
+        elif matcher.is_stopped():  # the grammar is complete: only EOS could follow
+            self.done[row] = self.finished[row] = True
+        elif len(self.tokens[row]) >= self.limits[row]:
+            self.done[row] = True
+            self.finished[row] = matcher.is_accepting()
+
+
+def unpack_bitmask(bitmask: Any, vocab: int) -> Any:
+    """llguidance's int32 bitmask (bit i of word w = token 32*w+i) as a bool tensor [batch, vocab]."""
+    import torch
+
+    bits = torch.arange(32, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
