@@ -210,6 +210,17 @@ def test_another_embedding_size_is_kept_and_a_model_mismatch_is_one_line(exporte
     np.testing.assert_array_equal(np.float32(user["embedding"]), np.load(emb / f"{user['user_id']}.npy"))
 
 
+def test_configured_embedding_model_of_another_size_is_one_line(exported, tmp_path):
+    src, emb, users = copy_source(exported, tmp_path)
+    model = tmp_path / "llm"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 576}))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"name: t\nllm:\n  model: {model}\n")
+    _fails(_args(src, emb, users, tmp_path / "run") + ["--config", str(pipeline)], tmp_path / "run",
+           f"the embeddings are 8-d, but llm.model (profiles.embedding_model) {model} has hidden size 576")
+
+
 def test_problems_are_one_line_each_and_strict_writes_nothing(exported, tmp_path):
     src, emb, users = copy_source(exported, tmp_path)
     path = src / "train" / "metadata.jsonl"

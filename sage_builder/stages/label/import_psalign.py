@@ -160,7 +160,7 @@ class PsalignImport:
                 where, line = first_test
                 self.test_index = record_names(parse_record(line, where), self.by_lower, where).idx
         self.users = read_users_csv(self.users_file, self.categories)
-        self.dim = embedding_dim(self.embeddings, list(self.users), set())
+        self.dim = embedding_dim(self.embeddings, list(self.users))
         self.with_embedding = {uid for uid in self.users if (self.embeddings / f"{uid}.npy").is_file()}
         self.split_dirs = {split: str(self.source / split) for split in self.splits}
 
@@ -391,8 +391,8 @@ def _check_embedding_model(job: PsalignImport, embedding_model: str | None, key:
     hidden = model_hidden_size(embedding_model)
     if hidden != job.dim:
         raise StageInputError(f"{job.embeddings}: the embeddings are {job.dim}-d, but {key} {embedding_model} has "
-                              f"hidden size {hidden}; give the model that made them (the published Sage: "
-                              f"Qwen/Qwen2.5-7B-Instruct, 3,584), or leave it out")
+                              f"hidden size {hidden}; pass the model that made them as --embedding-model (the "
+                              f"published Sage: Qwen/Qwen2.5-7B-Instruct, 3,584)")
 
 
 def _card_info(job: PsalignImport, info: dict[str, Any], embedding_model: str | None) -> dict[str, Any]:
