@@ -1,18 +1,26 @@
-"""Corrupt input never reaches training: `sage stage train` checks the stage-4 dataset first.
+"""Corrupt input never reaches training.
 
-The run's `label/dataset` must hold exactly the files `label/manifest.json` lists, each with its
-recorded size and sha256; an image is checked against its pair's `sha256_*` column as it is read
-(which also covers a dataset given as `train.dataset`, without a manifest); a shard that cannot be
-read is named. Each case ends in exit 2 with one line naming the file or record and the stage to
-rerun, and leaves no train stage behind.
+Three layers, each ending in exit 2 with one line naming the file or record and the stage to rerun,
+and no train stage left behind:
+- the run store checks that label's listed outputs are as written (size and mtime; the hash when
+  the mtime moved) before the stage starts;
+- train refuses a stray file in `RUN/label/dataset` that label's manifest does not list (the
+  dataset loader would read it);
+- train checks each image against its pair's `sha256_*` column as it reads it, which catches a
+  changed byte even when size and mtime were kept, and covers `train.dataset` folders (no
+  manifest); a shard pyarrow cannot read is named.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
+import diffusers.utils.logging
 import pyarrow.parquet as pq
+import transformers.utils.logging
 import pytest
 from typer.testing import CliRunner
 
@@ -20,6 +28,13 @@ from sage_builder.cli import app
 from sage_builder.config import config_from_dict, dump_config
 from sage_builder.stages.train.synthetic import write_synthetic_dataset, write_synthetic_label_stage
 from sage_builder.store import Manifest, RunDir
+
+# diffusers and transformers bind their log handler to the stderr of their first use; if that was a
+# CliRunner invocation's (closed when it returns), later warnings print a logging traceback.
+for _library in (diffusers.utils.logging.get_logger("diffusers"), transformers.utils.logging.get_logger("transformers")):
+    for _handler in _library.handlers:
+        if isinstance(_handler, logging.StreamHandler):
+            _handler.setStream(sys.stderr)
 
 
 def _pipeline(tmp_path: Path, models_dir: Path, **train) -> Path:
@@ -32,7 +47,12 @@ def _pipeline(tmp_path: Path, models_dir: Path, **train) -> Path:
 
 
 def _train(pipeline: Path, run: Path):
-    return CliRunner().invoke(app, ["stage", "train", "--config", str(pipeline), "--run-dir", str(run)])
+    root, before = logging.getLogger(), list(logging.getLogger().handlers)
+    try:
+        return CliRunner().invoke(app, ["stage", "train", "--config", str(pipeline), "--run-dir", str(run)])
+    finally:  # the CLI's log handler writes to this invocation's captured stderr, closed afterwards
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
 
 
 def _one_line_error(result, *needles: str) -> str:
@@ -76,18 +96,30 @@ def test_a_flipped_byte_inside_an_image_of_the_run_dataset_stops_train(tmp_path,
     image = pq.read_table(shard).column("image_unsafe")[0].as_py()["bytes"]
     _flip_byte(shard, _image_offset(shard, image))
     result = _train(_pipeline(tmp_path, models_dir), run.root)
-    _one_line_error(result, str(shard), "sha256 does not match", "label/manifest.json", "sage stage label",
-                    "--force")
+    _one_line_error(result, str(shard), "sage stage label")
     assert not run.stage("train").path.exists()
+
+
+@pytest.mark.slow
+def test_a_flipped_image_byte_with_size_and_mtime_kept_is_caught_by_the_image_hash(tmp_path, models_dir, run):
+    shard = _pairs_shard(run.stage("label").file("dataset"))
+    pairs = pq.read_table(shard)
+    stat = shard.stat()
+    _flip_byte(shard, _image_offset(shard, pairs.column("image_unsafe")[0].as_py()["bytes"]))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # what the run store's cheap check trusts
+    result = _train(_pipeline(tmp_path, models_dir), run.root)
+    _one_line_error(result, f"pair {pairs.column('pair_id')[0].as_py()}", "image_unsafe does not match its "
+                    "sha256_unsafe", "sage stage label --force")
+    assert not (run.stage("train").path / "manifest.json").exists()
 
 
 def test_a_preferences_shard_of_random_bytes_stops_train(tmp_path, models_dir, run):
     shard = run.stage("label").file("dataset") / "data" / "preferences" / "train-00000-of-00001.parquet"
     size = shard.stat().st_size
     shard.write_bytes(os.urandom(size))  # same size: only the hash can tell
-    _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(shard), "sha256 does not match")
+    _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(shard), "sha256", "sage stage label")
     shard.write_bytes(os.urandom(size // 2))
-    _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(shard), f"recorded {size}")
+    _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(shard), "sage stage label")
     assert not run.stage("train").path.exists()
 
 
@@ -98,7 +130,8 @@ def test_missing_and_stray_dataset_files_stop_train(tmp_path, models_dir, run):
     _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(stray), "not listed in")
     stray.unlink()
     _pairs_shard(root).unlink()
-    _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(_pairs_shard(root)), "missing")
+    _one_line_error(_train(_pipeline(tmp_path, models_dir), run.root), str(_pairs_shard(root)), "missing",
+                    "sage stage label")
     assert not run.stage("train").path.exists()
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sage_builder.errors import ConfigError, SageError, StageInputError
 from sage_builder.stages.base import Stage, StageContext, StagePlan
-from sage_builder.store import Manifest, RunDir, atomic_write_text, file_sha256, stable_hash
+from sage_builder.store import Manifest, RunDir, atomic_write_text, stable_hash
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
@@ -33,47 +33,26 @@ def dataset_source(config: PipelineConfig, run: RunDir) -> str:
     return config.train.dataset or str(run.stage("label").file("dataset"))
 
 
-def verify_label_dataset(run: RunDir, manifest: Manifest) -> int:
-    """The run's stage-4 dataset folder holds exactly the files ``label/manifest.json`` lists, each
-    with its recorded size and sha256; returns the bytes checked.
+def verify_label_dataset(run: RunDir, manifest: Manifest) -> None:
+    """The run's stage-4 dataset folder holds no file that ``label/manifest.json`` does not list.
 
-    Sizes and stray files are checked first (free), then every file is hashed once (the dataset
-    loader reads all of it anyway). The first mismatch stops the stage with one line naming the
-    file and the stage to rerun; nothing of the train stage is written before this check.
+    The run store has already checked the listed files (size and mtime; the hash when the mtime
+    moved), but a stray shard beside them would still be read by the dataset loader. Each image is
+    also checked against its pair's ``sha256_*`` column as it is read (``PreferenceData.image_bytes``),
+    which catches a changed byte even when the file's size and mtime were kept.
     """
-    from sage_builder.progress import progress
-
     label = run.stage("label")
     root = label.file("dataset")
     fix = f"rerun `sage stage label --run-dir {run.root} --force` to rewrite the dataset"
-    recorded = {rel.removeprefix("dataset/"): out for rel, out in manifest.outputs.items()
-                if rel.startswith("dataset/")}
+    recorded = {rel.removeprefix("dataset/") for rel in manifest.outputs if rel.startswith("dataset/")}
     if not recorded:
         raise StageInputError(f"{label.manifest_path}: lists no files of {root}, so the dataset cannot be verified; "
                               f"{fix}")
-    for rel, out in sorted(recorded.items()):
-        path = root / rel
-        if not path.is_file():
-            raise StageInputError(f"{path}: missing, though {label.manifest_path} lists it; {fix}")
-        if path.stat().st_size != out.bytes:
-            raise StageInputError(f"{path}: {path.stat().st_size} bytes, {label.manifest_path} recorded {out.bytes} "
-                                  f"(a truncated or edited copy); {fix}")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel not in recorded and not any(part.startswith(".") for part in path.relative_to(root).parts):
+        rel = path.relative_to(root)
+        if rel.as_posix() not in recorded and not any(part.startswith(".") for part in rel.parts):
             raise StageInputError(f"{path}: not listed in {label.manifest_path} (a stray file the dataset loader "
                                   f"would read); remove it, or {fix}")
-    total = sum(out.bytes for out in recorded.values())
-    bar = progress(total=total, desc="train: verify dataset", unit="B", unit_scale=True)
-    for rel, out in sorted(recorded.items()):
-        path = root / rel
-        if file_sha256(path) != out.sha256:
-            bar.close()
-            raise StageInputError(f"{path}: sha256 does not match {label.manifest_path} (the file is corrupt or was "
-                                  f"edited after stage 4 wrote it); {fix}")
-        bar.update(out.bytes)
-    bar.close()
-    return total
 
 
 class TrainStage(Stage):
