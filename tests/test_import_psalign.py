@@ -185,6 +185,13 @@ def test_embeddings_of_mixed_sizes(exported, tmp_path):
     _fails(_args(src, emb, users, tmp_path / "run"), tmp_path / "run", "(embeddings of mixed sizes)")
 
 
+def test_user_with_records_but_no_embedding(exported, tmp_path):
+    src, emb, users = copy_source(exported, tmp_path)
+    (emb / "0000002.npy").unlink()
+    _fails(_args(src, emb, users, tmp_path / "run"), tmp_path / "run",
+           "user 0000002 has no ")
+
+
 def test_users_file_with_a_bad_list(exported, tmp_path):
     src, emb, users = copy_source(exported, tmp_path)
     text = users.read_text().replace("['", "[", 1)
