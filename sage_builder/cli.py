@@ -151,6 +151,8 @@ def status(
     for row in rows:
         if row["report"]:
             console.print(f"[bold]{row['name']}[/]: " + json.dumps(row["report"], default=str)[:2000])
+        for warning in (row["report"] or {}).get("warnings") or []:
+            console.print(f"[bold yellow]{row['name']} warning[/]: {warning}", soft_wrap=True)
 
 
 @app.command("plan")

@@ -270,7 +270,11 @@ def test_sage_status_shows_the_warning(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.setattr(profiles_stage, "make_stage_backend", scripted(lambda r: []))
     run_stage(profiles_stage.STAGE, make_config(tiny_llama, rules="report"), RunDir(tmp_path))
     result = CliRunner().invoke(app, ["status", str(tmp_path)])
-    assert "labels look degenerate: 24 of 24 users ban nothing" in " ".join(result.output.split())
+    warning = [line for line in result.output.splitlines() if line.startswith("profiles warning: ")]
+    assert warning == ["profiles warning: labels look degenerate: 24 of 24 users ban nothing, mean 0.00 banned "
+                       "(published: mean 3.54, 40 of 1,000 ban nothing)",
+                       "profiles warning: the 6 reference levels all ban 0 categories: the level grid shows no "
+                       "difference between levels"]
 
 
 @pytest.mark.slow
