@@ -85,7 +85,9 @@ class TrainStage(Stage):
             f"{micro} micro-batches of {cfg.batch_size} pairs per GPU ({2 * cfg.batch_size * micro} images per GPU), "
             f"{cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.warmup_steps} warmup), beta {cfg.beta:g}",
             f"GPU-hours assume {SDXL_SECONDS_PER_MICRO_BATCH} s per 2 pairs of a micro-batch (measured on an H200) "
-            f"on one GPU; with N GPUs (accelerate) the wall time stays and the global batch and GPU-hours grow N-fold"])
+            f"on one GPU; with N GPUs (accelerate) the wall time stays and the global batch and GPU-hours grow N-fold",
+            *([f"train.gradient_checkpointing: the GPU-hours leave out its recompute (not measured on a GPU; "
+               f"1.3-1.5x the CPU time per step on the tiny SDXL)"] if cfg.gradient_checkpointing else [])])
 
     def run(self, ctx: StageContext) -> None:
         from sage_builder.stages.train.data import load_preference_data
