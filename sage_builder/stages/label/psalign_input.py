@@ -82,7 +82,7 @@ def read_users_csv(path: Path, categories: list[str]) -> dict[str, PsalignUser]:
         raise StageInputError(f"{path}: no such users file (the published users.csv format, SPEC §4)")
     by_lower = {c.lower(): c for c in categories}
     users: dict[str, PsalignUser] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM is not a column
         reader = csv.DictReader(handle)
         missing = [c for c in USERS_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
