@@ -4,11 +4,12 @@ a cluster, a strictness level for the reference users, and a split role.
 Steps, each in the module named for it and resumable where it is costly:
 1. sample demographics (``demographics.py``; no cache needed, it is deterministic and instant);
 2. label: banned categories per user, from the LLM (items ``bans``, keyed by user id, attributes,
-   template and sampling settings) or from the rules (``labelling.py``);
+   template, sampling settings and, with ``rules: enforce``, the user's mandatory rules), from the
+   rules, or from a file in the published users.csv format (``labelling.py``, ``labels_file.py``);
 3. embed: a statement per user embedded by the LLM (items ``embeddings``, keyed by statement and
    model; ``embedding.py`` over the shared ``sage_builder/user_embedding.py``);
-4. cluster: k-means, reference users and levels, t-SNE map, splits (``clustering.py``; instant,
-   recomputed).
+4. cluster: k-means, reference users and levels, t-SNE map, splits seeded or the published ones
+   (``clustering.py``; instant, recomputed).
 This module holds the stage's hooks and its I/O; ``report.py`` assembles ``report.json``.
 
 Outputs: ``profiles.parquet`` (one row per user, id order), ``rejects.parquet`` (LLM replies that
