@@ -162,7 +162,7 @@ class StageDir:
             return Manifest.model_validate_json(self.manifest_path.read_text())
         except ValueError as exc:
             raise StageInputError(f"{self.manifest_path}: unreadable manifest ({exc.__class__.__name__}); "
-                                  f"rerun the stage with --force") from exc
+                                  f"rerun `sage stage {self.name} --force`") from None
 
     def write_manifest(self, manifest: Manifest) -> None:
         atomic_write_text(self.manifest_path, manifest.model_dump_json(indent=2))
@@ -209,7 +209,7 @@ class StageDir:
                 except OSError as exc:
                     return f"{path}: unreadable ({exc.strerror or type(exc).__name__})"
                 if digest != recorded.sha256:
-                    return f"{path}: modified (sha256 differs from the one recorded when it was written)"
+                    return f"{path}: modified (its sha256 differs from the one recorded)"
         return None
 
     def has_partial_work(self) -> bool:
@@ -227,6 +227,9 @@ class RunDir:
 
     def check_usable(self) -> None:
         """The run directory is a folder, or can become one: not a file, not under a file."""
+        if self.root.is_symlink() and not self.root.exists():
+            raise ConfigError(f"--run-dir {self.root}: a symlink to {os.readlink(self.root)}, which does not exist; "
+                              "create the target or point --run-dir at a folder")
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--run-dir {self.root}: is a file, not a directory; give a folder for the run")
         for parent in self.root.parents:
