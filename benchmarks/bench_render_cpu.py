@@ -44,7 +44,6 @@ def main() -> int:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    import sage_builder.config  # noqa: F401
     from sage_builder.stages.render.config import RenderConfig
     from sage_builder.stages.render.engine import (ImageJob, RenderSettings, image_key, load_pipeline,
                                                    make_batch_invariant, pair_seed, render_jobs)

@@ -92,13 +92,13 @@ def test_worker_failures_read_as_one_line_naming_worker_item_and_fix() -> None:
 
 
 def test_render_device_comes_from_the_cluster() -> None:
-    from sage_builder.executors.ray_render import ray_device
-    from sage_builder.stages.render.config import RenderConfig
+    from sage_builder.executors.ray_executor import ray_device
 
-    assert ray_device(RenderConfig(device="auto"), gpus=0) == "cpu"
-    assert ray_device(RenderConfig(device="auto"), gpus=8) == "cuda"
-    with pytest.raises(SageError, match="the Ray cluster has no GPUs"):
-        ray_device(RenderConfig(device="cuda"), gpus=0)
+    assert ray_device("auto", "render.device", gpus=0) == "cpu"
+    assert ray_device("auto", "render.device", gpus=8) == "cuda"
+    assert ray_device("cuda:3", "render.device", gpus=8) == "cuda"
+    with pytest.raises(SageError, match="render.device: cuda but the Ray cluster has no GPUs"):
+        ray_device("cuda", "render.device", gpus=0)
 
 
 def test_without_ray_installed_the_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,3 +156,79 @@ def test_executor_ray_without_ray_stops_before_the_stage_writes_anything(
                                    "--set", "executor=ray"])
     assert out.exit_code == 2 and "pip install 'sage-builder[ray]'" in out.output
     assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "run" / "render").exists()
+
+
+class CountingWorker:
+    """A unit is a list of ints; the worker reports each and returns their sum (or fails on cue)."""
+
+    def __init__(self, fail_on: int | None = None, die_on: int | None = None, fail_start: bool = False):
+        self.fail_on, self.die_on, self.fail_start = fail_on, die_on, fail_start
+
+    def start(self, slot) -> None:
+        if self.fail_start:
+            raise SageError("render.model: /nowhere is not a model folder")
+        self.slot = slot
+
+    def run(self, unit: list[int], report) -> int:
+        import os
+        import time
+
+        for item in unit:
+            if item == self.fail_on:
+                raise ValueError(f"bad item {item}")
+            if item == self.die_on:
+                time.sleep(0.5)  # let the other worker's reports be sent
+                os._exit(9)
+            report(1)
+        return sum(unit)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _request(workers: int):
+    from sage_builder.executors import WorkerRequest
+
+    return WorkerRequest(name="job", device="cpu", device_key="job.device", workers=workers, items_per_unit=2)
+
+
+def test_in_process_executor_runs_one_unit_and_raises_as_raised() -> None:
+    from sage_builder.executors import make_executor
+
+    executor = make_executor(config_from_dict(BASE), _request(1))
+    assert executor.name == "local" and executor.device == "cpu"
+    units = executor.cut_units([1, 2, 3])
+    assert units == [[1, 2, 3]]
+    seen: list[int] = []
+    assert list(executor.map_units(units, CountingWorker(), str, seen.append)) == [([1, 2, 3], 6)]
+    assert seen == [1, 1, 1]
+    with pytest.raises(ValueError, match="bad item 2"):
+        list(executor.map_units(units, CountingWorker(fail_on=2), str))
+
+
+@pytest.mark.slow
+def test_worker_processes_yield_every_unit_and_name_the_failed_worker_and_unit() -> None:
+    from sage_builder.executors import make_executor
+
+    executor = make_executor(config_from_dict(BASE), _request(2))
+    units = executor.cut_units(list(range(1, 8)))
+    assert units == [[1, 2], [3, 4], [5, 6], [7]]
+    reports: list[int] = []
+    results = dict((tuple(u), r) for u, r in executor.map_units(units, CountingWorker(), lambda u: f"unit {u}",
+                                                                 reports.append))
+    assert results == {(1, 2): 3, (3, 4): 7, (5, 6): 11, (7,): 7} and sum(reports) == 7
+    assert executor.facts(len(units)) == {"executor": "local", "workers": 2}
+
+    finished: list[list[int]] = []
+    with pytest.raises(SageError) as err:
+        for unit, _ in executor.map_units(units, CountingWorker(fail_on=3), lambda u: f"unit {u}"):
+            finished.append(unit)
+    line = str(err.value)
+    assert line.startswith("job#") and "(host " in line and ", pid " in line
+    assert "failed: ValueError: bad item 3, at unit [3, 4]; finished items are saved" in line and "\n" not in line
+    assert [1, 2] in finished  # the unit running beside the failed one was waited for and yielded
+
+    with pytest.raises(SageError, match=r"job#\d \(host .*\) died \(exit code 9\).*at unit \[5, 6\]"):
+        list(executor.map_units(units, CountingWorker(die_on=5), lambda u: f"unit {u}"))
+    with pytest.raises(SageError, match=r"render.model: /nowhere is not a model folder \(at start-up\)"):
+        list(executor.map_units(units, CountingWorker(fail_start=True), lambda u: f"unit {u}"))

@@ -144,8 +144,6 @@ def test_no_import_loops_counting_imports_inside_functions():
     assert import_loops(import_graph(module_level_only=False)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="render/engine.py and render/workers.py still import sage_builder.config "
-                   "first; the render refactor removes that")
 def test_no_import_order_crutches():
     """No module imports another only for its side effect of being imported first, or late on purpose."""
     crutch = re.compile(r"^import sage_builder\.\S+\s+# noqa|# noqa: E402|^# Imported late", re.MULTILINE)

@@ -291,19 +291,18 @@ def test_image_key_depends_on_settings_not_batching(models_dir):
     assert key != image_key("p", 2, RenderSettings.from_config(base, "cpu"))
 
 
-def test_batches_are_cut_from_the_whole_plan_and_dealt_round_robin():
+def test_batches_are_cut_from_the_whole_plan():
     from sage_builder.stages.render.engine import ImageJob
-    from sage_builder.stages.render.workers import split_batches
+    from sage_builder.stages.render.workers import cut_batches
 
     jobs = [ImageJob(f"k{i}", f"p{i}", i) for i in range(10)]
     keys = lambda batches: [[j.key for j in b] for b in batches]  # noqa: E731
-    (one,) = split_batches(jobs, 4, 1)
+    one = cut_batches(jobs, 4)
     assert keys(one) == [["k0", "k1", "k2", "k3"], ["k4", "k5", "k6", "k7"], ["k8", "k9"]]
-    w0, w1 = split_batches(jobs, 4, 2)
-    assert keys(w0) == [["k0", "k1", "k2", "k3"], ["k8", "k9"]] and keys(w1) == [["k4", "k5", "k6", "k7"]]
     # After an interruption that finished the first batch, the others keep their composition.
-    (resumed,) = split_batches(jobs, 4, 1, done={"k0", "k1", "k2", "k3"})
-    assert keys(resumed) == keys(one)[1:]
+    assert keys(cut_batches(jobs, 4, done={"k0", "k1", "k2", "k3"})) == keys(one)[1:]
+    # A batch that was half done keeps its other half alone: it is never merged with the next.
+    assert keys(cut_batches(jobs, 4, done={"k0", "k1", "k5"})) == [["k2", "k3"], ["k4", "k6", "k7"], ["k8", "k9"]]
 
 
 @pytest.mark.parametrize("folder", ["tiny-sdxl", "tiny-sd15"])

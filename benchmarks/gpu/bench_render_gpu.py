@@ -73,7 +73,6 @@ def main() -> int:
     args = parse_args()
     import torch
 
-    import sage_builder.config  # noqa: F401
     from sage_builder.stages.render.config import RenderConfig
     from sage_builder.stages.render.engine import (ImageJob, RenderSettings, image_key, pair_seed, prepare_pipeline,
                                                    render_jobs)

@@ -34,8 +34,8 @@ class RayConfig(StrictModel):
     render_num_cpus: float = execution(1, ge=0, description="CPUs reserved per render actor (on CPU also its "
                                        "torch threads)")
     render_batches_per_task: int = execution(
-        2, ge=1, description="render batches per actor call: larger keeps the encoder/writer overlap, "
-        "smaller loses less work to a crash")
+        2, ge=1, description="render batches per call to an actor (or to a local worker process with "
+        "render.workers > 1): larger keeps the encoder/writer overlap, smaller loses less work to a crash")
     task_timeout_s: float = execution(1800.0, gt=0, description="a call running longer counts as hung: "
                                       "the stage stops with a message (finished items are kept)")
     startup_timeout_s: float = execution(1800.0, gt=0, description="time an actor may take to load its "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sage_builder.errors import SageError
+from sage_builder.executors.base import describe_exception, failure_line, raise_first, where, worker_label
 
 if TYPE_CHECKING:
     from sage_builder.executors.config import RayConfig
@@ -75,40 +75,21 @@ def cluster_gpus(ray: Any) -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def where() -> dict[str, Any]:
-    """Where an actor runs (called inside it): for messages and the manifest."""
-    gpus: list[str] = []
-    try:
-        import ray
-
-        gpus = [str(g) for g in ray.get_gpu_ids()]
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    return {"host": socket.gethostname(), "pid": os.getpid(), "gpus": gpus}
-
-
 def describe_failure(exc: BaseException, worker: str, unit: str, hint: str) -> str:
     """One line for a failed unit: what happened, to which worker and item, and what to do."""
-    ray = import_ray()
-    exceptions = ray.exceptions
-    cause: BaseException | None = exc
+    exceptions = import_ray().exceptions
+    cause: BaseException = exc
     if isinstance(exc, exceptions.RayTaskError):
         cause = getattr(exc, "cause", None) or exc
-    name = type(cause).__name__
-    text = str(cause).strip().splitlines()[0][:240] if str(cause).strip() else name
-    if isinstance(cause, SageError):
-        what = text
-    elif "OutOfMemoryError" in name and isinstance(exc, exceptions.RayTaskError):
-        what = f"ran out of GPU memory ({text[:120]}); lower the batch size or use a larger GPU"
-    elif isinstance(exc, exceptions.OutOfMemoryError):
+    if isinstance(exc, exceptions.OutOfMemoryError):
         what = "was killed by Ray's memory monitor (the node ran out of host memory); reserve more CPUs per " \
                "actor (ray.*_num_cpus) so fewer share a node"
     elif isinstance(exc, (exceptions.ActorDiedError, exceptions.ActorUnavailableError)) \
             or isinstance(exc, getattr(exceptions, "NodeDiedError", ())):
         what = "died (its process was killed or its node was lost)"
     else:
-        what = f"failed: {name}: {text}"
-    return f"{worker} {what}, at {unit}; {hint}"
+        what = describe_exception(cause)
+    return failure_line(worker, what, unit, hint)
 
 
 @dataclass
@@ -168,9 +149,7 @@ class ActorPool(Generic[U]):
                     ray.kill(slot.actor)
                     slot.ref = slot.unit = None
             hand_out()
-        if errors:
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise SageError(errors[0] + more)
+        raise_first(errors)
 
 
 def start_actors(ray: Any, actor_cls: Any, args: Sequence[tuple[Any, ...]], options: dict[str, Any],
@@ -205,8 +184,7 @@ def start_actors(ray: Any, actor_cls: Any, args: Sequence[tuple[Any, ...]], opti
                     info = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001
                     raise SageError(describe_failure(exc, labels[i], "startup", hint)) from None
-                gpus = f" GPU {','.join(info['gpus'])}" if info.get("gpus") else ""
-                labels[i] = f"{name}#{i} (host {info['host']}{gpus}, pid {info['pid']})"
+                labels[i] = worker_label(name, i, info)
     except BaseException:
         kill_actors(ray, actors)
         raise

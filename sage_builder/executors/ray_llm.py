@@ -18,7 +18,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sage_builder.executors.ray_cluster import ActorPool, connect, kill_actors, start_actors, where
+from sage_builder.executors.base import where
+from sage_builder.executors.ray_cluster import ActorPool, connect, kill_actors, start_actors
 from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure, WireRequest
 
 if TYPE_CHECKING:

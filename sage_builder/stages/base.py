@@ -182,7 +182,7 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir, verif
     if missing:
         state, reason = "partial", f"output missing: {missing[0]}"
     elif problem:
-        state, reason = "modified", f"{problem}; rerun `sage stage {stage.name}` to rebuild it"
+        state, reason = "modified", f"{problem}; `sage stage {stage.name}` rebuilds it from its item cache"
     else:
         for name, recorded in manifest.inputs.items():
             upstream = run.stage(name).read_manifest()
@@ -225,10 +225,10 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
     (``RunDir.lock``); ``save_config`` records the resolved config as ``RUN/config.yaml`` (the CLI)."""
     stage_dir = run.stage(stage.name)
     opts = stage_options(stage, options)
-    if stage.distributed and config.executor == "ray":
-        from sage_builder.executors.ray_cluster import import_ray
+    if stage.distributed:
+        from sage_builder.executors import check_executor
 
-        import_ray()  # not installed: one line now, before anything is written
+        check_executor(config)  # e.g. Ray not installed: one line now, before anything is written
     run.check_usable()
     with readable_inputs(stage, run):
         stage.check(config, run)
@@ -261,9 +261,9 @@ def verify_inputs(stage: Stage, run: RunDir, full: bool = False) -> None:
         manifest = run.manifest_of(name, needed_by=stage.name)
         problem = run.stage(name).output_problem(manifest, full=full)
         if problem is not None:
-            raise StageInputError(f"{problem} since stage '{name}' wrote it (corrupt or edited), so stage "
+            raise StageInputError(f"{problem}: corrupt or edited since stage '{name}' wrote it, so stage "
                                   f"'{stage.name}' cannot use it; rerun `sage stage {name} --run-dir {run.root}` "
-                                  "to rebuild it")
+                                  "(it rebuilds the file from its item cache)")
 
 
 @contextlib.contextmanager

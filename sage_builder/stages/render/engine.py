@@ -23,9 +23,9 @@ from typing import Any
 
 import pyarrow as pa
 
-import sage_builder.config  # noqa: F401  (the config tree first: it imports the stage sections)
-from sage_builder.config import model_identity
+from sage_builder.config_base import model_identity
 from sage_builder.errors import StageInputError
+from sage_builder.runtime import hub_offline, is_local_path, resolve_dtype, torch_dtype
 from sage_builder.stages.render.config import SCHEDULERS, RenderConfig
 from sage_builder.store import ITEM_KEY, ItemCache, stable_hash
 
@@ -88,35 +88,10 @@ def image_key(prompt: str, seed: int, settings: RenderSettings) -> str:
     return stable_hash("render-image", prompt, seed, keyed, length=32)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageInputError(f"render.device: '{device}' asked for, but torch sees no CUDA device; "
-                              f"use device: cpu (slow) or run on a GPU machine")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def is_local_model(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
-
-
 def locate_model(config: RenderConfig) -> tuple[str, str | None]:
     """(where to load from, resolved revision); raises a one-line error if the model is unavailable."""
     expected = PIPELINE_CLASSES[config.backbone]
-    if is_local_model(config.model):
+    if is_local_path(config.model):
         folder = Path(config.model).expanduser()
         index = folder / "model_index.json"
         if not index.exists():
@@ -153,16 +128,15 @@ def _check_pipeline_class(index: Path, expected: str, config: RenderConfig) -> N
 def load_pipeline(config: RenderConfig, device: str, compile_unet: bool = False) -> Any:
     """The diffusers pipeline for ``config``, on ``device`` in the configured precision, SDPA attention."""
     import diffusers
-    import torch
 
     source, _ = locate_model(config)
-    dtype = getattr(torch, resolve_dtype(config.dtype, device))
+    dtype = torch_dtype(config.dtype, device)
     cls = getattr(diffusers, PIPELINE_CLASSES[config.backbone])
     extra: dict[str, Any] = {"add_watermarker": False} if config.backbone == "sdxl" else \
         {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = cls.from_pretrained(source, revision=config.revision, torch_dtype=dtype,
-                                   local_files_only=hub_offline() or is_local_model(source), **extra)
+                                   local_files_only=hub_offline() or is_local_path(source), **extra)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise StageInputError(f"render.model: cannot load {source} as a {cls.__name__}: {first}") from None

@@ -50,37 +50,49 @@ def _locate(cache: ItemCache, keys: set[str]) -> tuple[list[Path], dict[str, tup
 def assemble_shards(stage_path: Path, cache: ItemCache, plan: Sequence[PlannedImage],
                     shard_bytes: int) -> tuple[list[str], pa.Table]:
     """Write ``shards/*.parquet`` (one row per distinct key) and return (shard relpaths, index table)."""
-    unique: list[PlannedImage] = []
     first_of: dict[str, PlannedImage] = {}
     for item in plan:
-        if item.key not in first_of:
-            first_of[item.key] = item
-            unique.append(item)
-    parts, where = _locate(cache, set(first_of))
+        first_of.setdefault(item.key, item)
+    unique = list(first_of.values())
+    parts, where = _locate(cache, {item.key for item in unique})
     missing = [item for item in unique if item.key not in where]
     if missing:
         raise RuntimeError(f"image {missing[0].key} (pair {missing[0].pair_id}/{missing[0].variant}) "
                            f"was not rendered; {len(missing)} missing in all")
+    shards = cut_shards(unique, {key: nbytes for key, (_, _, nbytes) in where.items()}, shard_bytes)
+    names = [f"{SHARD_DIR}/images-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
+    position = _write_shards(stage_path, parts, where, names, shards)
+    # Shards of an earlier assembly with another layout would be picked up by a glob: remove them.
+    for stale in (stage_path / SHARD_DIR).glob("*.parquet"):
+        if f"{SHARD_DIR}/{stale.name}" not in names:
+            stale.unlink()
+    return names, _index(stage_path, names, plan, position)
 
+
+def cut_shards(unique: Sequence[PlannedImage], nbytes: dict[str, int], shard_bytes: int) -> list[list[PlannedImage]]:
+    """Consecutive images, a new shard whenever the next image would pass the byte budget."""
     shards: list[list[PlannedImage]] = [[]]
     size = 0
     for item in unique:
-        nbytes = where[item.key][2]
-        if shards[-1] and size + nbytes > shard_bytes:
+        if shards[-1] and size + nbytes[item.key] > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(item)
-        size += nbytes
-    names = [f"{SHARD_DIR}/images-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
+        size += nbytes[item.key]
+    return shards
 
+
+def _write_shards(stage_path: Path, parts: list[Path], where: dict[str, tuple[int, int, int]], names: list[str],
+                  shards: list[list[PlannedImage]]) -> dict[str, tuple[str, int]]:
+    """Write each shard from the parts that hold its rows; key -> (shard, row). A part is dropped after
+    the last shard that needs it."""
     last_use: dict[int, int] = {}
     for s, items in enumerate(shards):
         for item in items:
             last_use[where[item.key][0]] = s
     loaded: dict[int, pa.Table] = {}
     position: dict[str, tuple[str, int]] = {}
-    out_dir = stage_path / SHARD_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (stage_path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     for s, (name, items) in enumerate(zip(names, shards)):
         pieces = []
         for item in items:
@@ -101,16 +113,17 @@ def assemble_shards(stage_path: Path, cache: ItemCache, plan: Sequence[PlannedIm
             position[item.key] = (name, row)
         for p in [p for p in loaded if last_use[p] <= s]:
             del loaded[p]
-    # Shards of an earlier assembly with another layout would be picked up by a glob: remove them.
-    for stale in out_dir.glob("*.parquet"):
-        if f"{SHARD_DIR}/{stale.name}" not in names:
-            stale.unlink()
+    return position
 
+
+def _index(stage_path: Path, names: list[str], plan: Sequence[PlannedImage],
+           position: dict[str, tuple[str, int]]) -> pa.Table:
+    """(pair, variant) -> image key, shard, row and the sha256 the shard holds."""
     sha_of = {}
     for name in names:
         t = pq.read_table(stage_path / name, columns=["image_key", "sha256"])
         sha_of.update(zip(t.column("image_key").to_pylist(), t.column("sha256").to_pylist()))
-    index = pa.table({
+    return pa.table({
         "pair_id": pa.array([i.pair_id for i in plan], pa.string()),
         "variant": pa.array([i.variant for i in plan], pa.string()),
         "image_key": pa.array([i.key for i in plan], pa.string()),
@@ -118,4 +131,3 @@ def assemble_shards(stage_path: Path, cache: ItemCache, plan: Sequence[PlannedIm
         "row": pa.array([position[i.key][1] for i in plan], pa.int64()),
         "sha256": pa.array([sha_of[i.key] for i in plan], pa.string()),
     })
-    return names, index

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from sage_builder.errors import StageInputError
+from sage_builder.executors import WorkerRequest, make_executor
 from sage_builder.stages.base import Stage, StageContext, StageOptions, StagePlan
 from sage_builder.stages.render.shards import PlannedImage, assemble_shards
 from sage_builder.store import RunDir
@@ -71,14 +72,13 @@ def plan_images(pairs: list[dict[str, Any]], settings: RenderSettings,
     return planned, jobs
 
 
-def n_workers(config_workers: int | None, device: str) -> int:
-    if config_workers is not None:
-        return config_workers
-    if device.startswith("cuda") and ":" not in device:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    return 1
+def worker_request(config: PipelineConfig) -> WorkerRequest:
+    """What render asks of its executor: one pipeline per worker, on render.device."""
+    r, ray = config.render, config.ray
+    return WorkerRequest(name="render", device=r.device, device_key="render.device", workers=r.workers,
+                         items_per_unit=ray.render_batches_per_task, ray_workers=ray.render_workers,
+                         ray_num_cpus=ray.render_num_cpus, ray_num_gpus=ray.render_num_gpus,
+                         hint="finished images are saved; rerun the stage to resume")
 
 
 @dataclass(frozen=True)
@@ -118,19 +118,13 @@ class RenderStage(Stage):
                          notes=[f"{per_image:.2f} GPU-s per image: {source}"])
 
     def run(self, ctx: StageContext) -> None:
-        from sage_builder.stages.render.engine import RenderSettings, locate_model, resolve_device
-        from sage_builder.stages.render.workers import render_all
+        from sage_builder.stages.render.engine import RenderSettings, locate_model
+        from sage_builder.stages.render.workers import render_missing
 
         config = ctx.config.render
         pairs = read_pairs(ctx.input_path("prompts", PAIRS_FILE))
-        on_ray = ctx.config.executor == "ray"
-        if on_ray:
-            from sage_builder.executors.ray_cluster import cluster_gpus, connect
-            from sage_builder.executors.ray_render import ray_device
-
-            device = ray_device(config, cluster_gpus(connect(ctx.config.ray)))
-        else:
-            device = resolve_device(config.device)
+        executor = make_executor(ctx.config, worker_request(ctx.config))
+        device = executor.device
         _, revision = locate_model(config)
         settings = RenderSettings.from_config(config, device)
         planned, jobs = plan_images(pairs, settings, ctx.config.seed)
@@ -138,19 +132,10 @@ class RenderStage(Stage):
         cache = ctx.stage_dir.items("images")
         done = cache.done_keys()
         todo = [job for job in jobs if job.key not in done]
-        workers = n_workers(config.workers, device) if not on_ray else 0
-        executor: dict[str, Any] = {"executor": ctx.config.executor}
-        log.info("render: %d pairs, %d images, %d already rendered, %d to render on %s", len(pairs), len(jobs),
-                 len(jobs) - len(todo), len(todo), "Ray" if on_ray else f"{device} x{workers}")
+        log.info("render: %d pairs, %d images, %d already rendered, %d to render on %s (executor %s)", len(pairs),
+                 len(jobs), len(jobs) - len(todo), len(todo), device, executor.name)
         started = time.monotonic()
-        if on_ray:
-            from sage_builder.executors.ray_render import render_on_ray
-
-            written, facts = render_on_ray(ctx.config, settings, revision, device, jobs, done, cache)
-            executor.update(facts)
-            workers = facts.get("ray_workers", 0)
-        else:
-            written = render_all(config, settings, revision, device, jobs, done, cache, workers)
+        written, units = render_missing(executor, config, settings, revision, jobs, done, cache)
         render_seconds = time.monotonic() - started
 
         shard_names, index = assemble_shards(ctx.stage_dir.path, cache, planned, config.shard_mb * 1_000_000)
@@ -160,11 +145,11 @@ class RenderStage(Stage):
         ctx.models["render"]["resolved_revision"] = revision
         ctx.stats.update({
             "pairs": len(pairs), "images": len(jobs), "rendered_now": written, "reused": len(jobs) - len(todo),
-            "shards": len(shard_names), "device": device, "workers": workers, "dtype": settings.dtype,
-            "encoding": settings.encoding, "quality": settings.quality,
+            "shards": len(shard_names), "device": device, "dtype": settings.dtype, "encoding": settings.encoding,
+            "quality": settings.quality,
             "render_seconds": round(render_seconds, 2),
             "images_per_second": round(written / render_seconds, 3) if written and render_seconds > 0 else None,
-            **executor,
+            **executor.facts(units),  # executor, workers (and on Ray its actors and units)
         })
 
     def measured_cost(self, run: RunDir, pilot: PipelineConfig) -> MeasuredCost | None:

@@ -1,24 +1,28 @@
-"""Where rendering runs: in this process, or one worker process per visible GPU.
+"""Render as units of an executor: batches cut once from the plan, a worker that renders them.
 
-The work is cut into batches once, from the plan's key order, and batch ``i`` goes to worker
-``i % n``. Every image is therefore rendered in the same batch whatever the number of workers,
-so the bytes are identical with 1 or N workers on any device (on CPU they are batch-invariant
-anyway). A worker writes its own item-cache parts; the stage assembles the shards afterwards.
+The work is cut into batches once, from the plan's key order (finished keys dropped from their
+batch), so every image is rendered in the same batch composition whatever the executor and the
+number of workers, and so with the same bytes. Units of batches go to whichever worker is idle
+(:mod:`sage_builder.executors`); each worker holds a loaded pipeline and writes its own
+item-cache parts (a unique name, atomic rename). The stage assembles the shards afterwards.
+
+Workers on other hosts (Ray) write into the same run directory, so it must be on a file system
+every node mounts: a worker that cannot see the driver's marker file there refuses to start.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import queue
-import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sage_builder.config  # noqa: F401  (the config tree first: it imports the stage sections)
 from sage_builder.errors import SageError
+from sage_builder.executors import Executor
+from sage_builder.executors.base import WorkerSlot
 from sage_builder.progress import progress
 from sage_builder.stages.render.config import RenderConfig
 from sage_builder.stages.render.engine import (ImageJob, RenderSettings, load_pipeline, make_batch_invariant,
@@ -27,47 +31,24 @@ from sage_builder.store import ItemCache
 
 log = logging.getLogger("sage.render")
 
+MARKER_PREFIX = ".visible-to-workers-"
 
-@dataclass
-class RenderTask:
-    """What one worker renders: its batches (lists of jobs) and how."""
-
-    config: RenderConfig
-    settings: RenderSettings
-    revision: str | None
-    device: str
-    batches: list[list[ImageJob]]
-    cache_dir: Path
-    writer_id: str
-    threads: int | None = None
+Unit = list[list[ImageJob]]
 
 
-def split_batches(jobs: Sequence[ImageJob], batch_size: int, n_workers: int,
-                  done: set[str] | frozenset[str] = frozenset()) -> list[list[list[ImageJob]]]:
-    """Cut all ``jobs`` (plan order) into batches, drop finished keys, deal the rest round-robin.
+def cut_batches(jobs: Sequence[ImageJob], batch_size: int,
+                done: set[str] | frozenset[str] = frozenset()) -> list[list[ImageJob]]:
+    """Cut all ``jobs`` (plan order) into batches and drop finished keys.
 
     Batches are cut from the whole plan, not from what is missing: parts are written per batch,
     so after an interruption the remaining batches have exactly their original composition.
     """
     cut = [list(jobs[i:i + batch_size]) for i in range(0, len(jobs), batch_size)]
-    todo = [b for b in ([j for j in batch if j.key not in done] for batch in cut) if b]
-    return [todo[w::n_workers] for w in range(n_workers)]
-
-
-def run_task(task: RenderTask, on_written: Any = None) -> int:
-    import torch
-
-    previous = torch.get_num_threads()
-    if task.threads:
-        torch.set_num_threads(task.threads)
-    try:
-        return _render_task(task, on_written)
-    finally:
-        torch.set_num_threads(previous)
+    return [b for b in ([j for j in batch if j.key not in done] for batch in cut) if b]
 
 
 def load_worker_pipeline(config: RenderConfig, device: str) -> Any:
-    """A worker's pipeline (a local process or a Ray actor): compiled if asked, batch-invariant on CPU."""
+    """A worker's pipeline: compiled if asked, batch-invariant on CPU."""
     pipe = load_pipeline(config, device, compile_unet=config.compile)
     if device == "cpu":
         make_batch_invariant(pipe)
@@ -76,7 +57,7 @@ def load_worker_pipeline(config: RenderConfig, device: str) -> Any:
 
 def render_cut_batches(pipe: Any, config: RenderConfig, settings: RenderSettings, device: str,
                        batches: Sequence[Sequence[ImageJob]], cache_dir: Path, revision: str | None,
-                       writer_id: str, on_written: Any = None) -> int:
+                       writer_id: str, on_written: Callable[[int], None] | None = None) -> int:
     """Render batches that are already cut (their composition is kept exactly); returns images written."""
     writer = render_batches(pipe, batches, settings, ItemCache(cache_dir), revision, writer_id=writer_id,
                             pad_to=config.batch_size if config.compile else 0, on_written=on_written,
@@ -84,82 +65,83 @@ def render_cut_batches(pipe: Any, config: RenderConfig, settings: RenderSettings
     return writer.written
 
 
-def _render_task(task: RenderTask, on_written: Any) -> int:
-    pipe = load_worker_pipeline(task.config, task.device)
-    return render_cut_batches(pipe, task.config, task.settings, task.device, task.batches, task.cache_dir,
-                              task.revision, task.writer_id, on_written)
+@dataclass
+class RenderWorker:
+    """One pipeline on one device; copied to every worker slot, started there, then fed units."""
+
+    config: RenderConfig
+    settings: RenderSettings
+    revision: str | None
+    cache_dir: Path
+    marker: str | None = None  # a file the driver made in cache_dir: proves the directory is shared
+
+    def start(self, slot: WorkerSlot) -> None:
+        import socket
+
+        import torch
+
+        if self.marker and not (self.cache_dir / self.marker).exists():
+            raise SageError(f"the run directory {self.cache_dir.parents[2]} is not visible on host "
+                            f"{socket.gethostname()}: put it on a file system every Ray node mounts (NFS, "
+                            "Lustre, a bucket mount)")
+        self.slot = slot
+        self._threads = torch.get_num_threads()
+        # CPU pixels can round differently with another torch thread count: render.threads when set
+        # (the same on every executor), else the cores the executor reserved for this worker.
+        threads = self.config.threads or (slot.cpus if slot.device == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
+        self.pipe = load_worker_pipeline(self.config, slot.device)
+
+    def run(self, unit: Unit, report: Callable[[int], None]) -> int:
+        return render_cut_batches(self.pipe, self.config, self.settings, self.slot.device, unit, self.cache_dir,
+                                  self.revision, self.slot.tag, report)
+
+    def close(self) -> None:
+        import torch
+
+        self.pipe = None
+        torch.set_num_threads(self._threads)
 
 
-def _worker_main(task: RenderTask, events: Any) -> None:
-    try:
-        run_task(task, on_written=lambda n: events.put(("written", n)))
-        events.put(("done", task.writer_id))
-    except SageError as exc:
-        events.put(("error", str(exc)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
-        events.put(("error", f"worker {task.writer_id}: {exc.__class__.__name__}: {exc}"))
+def describe_unit(unit: Unit) -> str:
+    images = sum(len(b) for b in unit)
+    first = unit[0][0].key if unit and unit[0] else "?"
+    return f"a unit of {images} image(s) (first image key {first})"
 
 
-def render_all(config: RenderConfig, settings: RenderSettings, revision: str | None, device: str,
-               jobs: Sequence[ImageJob], done: set[str], cache: ItemCache, n_workers: int) -> int:
-    """Render the ``jobs`` (all of the plan, in order) whose keys are not ``done``; returns images written."""
-    per_worker = [w for w in split_batches(jobs, config.batch_size, n_workers, done) if w]
-    total = sum(len(b) for batches in per_worker for b in batches)
+def render_missing(executor: Executor, config: RenderConfig, settings: RenderSettings, revision: str | None,
+                   jobs: Sequence[ImageJob], done: set[str], cache: ItemCache) -> tuple[int, int]:
+    """Render the ``jobs`` (all of the plan, in order) whose keys are not ``done``.
+
+    Returns (images written, units run).
+    """
+    batches = cut_batches(jobs, config.batch_size, done)
+    total = sum(len(b) for b in batches)
     if not total:
-        return 0
-    bar = progress(total=total, desc="render", unit="img")
+        return 0, 0
+    units = executor.cut_units(batches)
+    worker = RenderWorker(config, settings, revision, cache.directory)
+    bar = progress(total=total, desc=f"render ({executor.name})", unit="img")
+    written = 0
     try:
-        if len(per_worker) == 1:
-            task = RenderTask(config, settings, revision, device, per_worker[0], cache.directory, "w0",
-                              config.threads)
-            return run_task(task, on_written=bar.update)
-        return _run_processes(config, settings, revision, device, per_worker, cache, bar)
+        with _shared_marker(cache, worker, executor.remote):
+            for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
+                written += count
     finally:
         bar.close()
+    return written, len(units)
 
 
-def _run_processes(config: RenderConfig, settings: RenderSettings, revision: str | None, device: str,
-                   per_worker: list[list[list[ImageJob]]], cache: ItemCache, bar: Any) -> int:
-    import os
-
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    n = len(per_worker)
-    threads = config.threads or (max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None)
-    procs = []
-    for rank, batches in enumerate(per_worker):
-        worker_device = f"cuda:{rank}" if device.startswith("cuda") else device
-        task = RenderTask(config, settings, revision, worker_device, batches, cache.directory, f"w{rank}", threads)
-        proc = ctx.Process(target=_worker_main, args=(task, events), name=f"render-w{rank}", daemon=True)
-        proc.start()
-        procs.append(proc)
-    written, finished, errors = 0, 0, []
+@contextmanager
+def _shared_marker(cache: ItemCache, worker: RenderWorker, remote: bool) -> Iterator[None]:
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    if not remote:
+        yield
+        return
+    worker.marker = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
+    (cache.directory / worker.marker).touch()
     try:
-        while finished < n:
-            try:
-                kind, value = events.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead and finished + len(errors) < n:
-                    # A worker killed from outside (OOM, signal) reports nothing.
-                    time.sleep(1.0)
-                    if events.empty():
-                        errors.append(f"worker {dead[0].name} died (exit code {dead[0].exitcode})")
-                        break
-                continue
-            if kind == "written":
-                written += value
-                bar.update(value)
-            elif kind == "done":
-                finished += 1
-            else:
-                errors.append(value)
-                finished += 1
+        yield
     finally:
-        for proc in procs:
-            proc.join(timeout=5 if errors else None)
-            if proc.is_alive():
-                proc.terminate()
-    if errors:
-        raise SageError(f"render: {errors[0]} (finished images are kept; rerun to resume)")
-    return written
+        (cache.directory / worker.marker).unlink(missing_ok=True)
