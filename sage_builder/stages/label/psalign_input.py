@@ -14,8 +14,6 @@ Every problem that makes the input unusable raises a one-line StageInputError na
 
 from __future__ import annotations
 
-import ast
-import csv
 import json
 import re
 from collections.abc import Iterator
@@ -26,25 +24,16 @@ from typing import Any
 import numpy as np
 
 from sage_builder.errors import StageInputError
+from sage_builder.psalign_users import DEMOGRAPHIC_COLUMNS
+from sage_builder.psalign_users import PublishedUser as PsalignUser
+from sage_builder.psalign_users import read_users_csv as read_published_users
 from sage_builder.runtime import hub_offline, is_local_path
 
-USERS_COLUMNS = ["Age", "Age_Group", "Gender", "Religion", "Physical_Condition", "Mental_Condition",
-                 "Banned_Categories", "Allowed_Categories"]
 # psalign user_data key -> our column
-DEMOGRAPHICS = {"Age": "age", "Age_Group": "age_group", "Gender": "gender", "Religion": "religion",
-                "Physical_Condition": "physical_condition", "Mental_Condition": "mental_condition"}
+DEMOGRAPHICS = {theirs: ours for ours, theirs in DEMOGRAPHIC_COLUMNS.items()}
 RECORD_KEYS = ("file_name", "chosen", "rejected", "caption", "user_data")
 CAPTION_NAME = re.compile(r"user_(?P<uid>\d{7})_(?P<rest>.+)_(?P<idx>\d{5})\.jpg_(?P<variant>[us])\.jpg")
 IMAGE_NAME = re.compile(r"user_(?P<uid>\d{7})_(?P<rest>.+)_(?P<idx>\d{5})_(?P<variant>[us])\.jpg")
-
-
-@dataclass
-class PsalignUser:
-    user_id: str
-    line: int  # line of the users file (the header is line 1)
-    demographics: dict[str, Any]  # our column names
-    banned: list[str]
-    allowed: list[str]
 
 
 @dataclass(frozen=True)
@@ -60,47 +49,9 @@ class RecordNames:
     rejected_variant: str
 
 
-def _category_list(value: str, column: str, where: str, by_lower: dict[str, str]) -> list[str]:
-    try:
-        items = ast.literal_eval(value) if value.strip() else []
-    except (ValueError, SyntaxError):
-        raise StageInputError(f"{where}: {column} {value!r} is not a Python list literal such as "
-                              f"\"['Propaganda', 'Sexuality']\"") from None
-    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
-        raise StageInputError(f"{where}: {column} {value!r} is not a list of category names")
-    out = []
-    for item in items:
-        if item.lower() not in by_lower:
-            raise StageInputError(f"{where}: {column} names '{item}', not one of {', '.join(by_lower.values())}")
-        out.append(by_lower[item.lower()])
-    return out
-
-
 def read_users_csv(path: Path, categories: list[str]) -> dict[str, PsalignUser]:
     """Users by id from a file in the published ``users.csv`` format."""
-    if not path.is_file():
-        raise StageInputError(f"{path}: no such users file (the published users.csv format, SPEC §4)")
-    by_lower = {c.lower(): c for c in categories}
-    users: dict[str, PsalignUser] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM is not a column
-        reader = csv.DictReader(handle)
-        missing = [c for c in USERS_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise StageInputError(f"{path}: missing column {missing[0]} (needs {', '.join(USERS_COLUMNS)})")
-        for i, row in enumerate(reader, start=1):
-            where = f"{path} line {i + 1}"
-            demographics: dict[str, Any] = {ours: row[theirs] for theirs, ours in DEMOGRAPHICS.items()}
-            try:
-                demographics["age"] = int(row["Age"])
-            except ValueError:
-                raise StageInputError(f"{where}: Age {row['Age']!r} is not a whole number") from None
-            uid = f"{i:07d}"
-            users[uid] = PsalignUser(uid, i + 1, demographics,
-                                     _category_list(row["Banned_Categories"], "Banned_Categories", where, by_lower),
-                                     _category_list(row["Allowed_Categories"], "Allowed_Categories", where, by_lower))
-    if not users:
-        raise StageInputError(f"{path}: no users")
-    return users
+    return {user.user_id: user for user in read_published_users(path, categories)}
 
 
 def split_lines(path: Path) -> tuple[int, str | None]:
