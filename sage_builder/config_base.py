@@ -85,6 +85,16 @@ def model_identity(value: str) -> str:
     return value
 
 
+def public_model_ref(value: str) -> str:
+    """How a model is named in anything that leaves the machine (cards, published manifests, shards,
+    adapter configs): a hub id as it is; a local folder as its folder name and content identity,
+    never its path (which would leak a home directory and differ between clones)."""
+    path = Path(value)
+    if path.is_dir():
+        return f"{path.resolve().name} ({model_identity(value)})"
+    return value
+
+
 def hashable_dump(model: BaseModel) -> dict[str, Any]:
     """The model as plain data without execution-only fields, for hashing."""
     out: dict[str, Any] = {}

@@ -10,6 +10,9 @@ cross-attention over those tokens in every cross-attention layer of the UNet (IP
 - The processors are plain objects (not ``nn.Module``) that point at this adapter's weights, so
   installing them never adds parameters to the UNet's ``state_dict`` and never changes its dtype.
   ``remove`` puts the original processors back.
+- The attention math is ``standalone.decoupled_attention``: ``standalone.py`` imports nothing of this
+  package and is copied into every adapter folder as ``sage_user_adapter.py``, so plain diffusers
+  users load the same adapter with the same code (docs/adapter.md).
 
 How user tokens reach the processors: through the call, as diffusers' IP-Adapter processors get
 their extra tokens. The UNet is called with ``cross_attention_kwargs=adapter.attention_kwargs(tokens)``
@@ -37,25 +40,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sage_builder.errors import SageError
+from sage_builder.stages.train.standalone import (
+    ADAPTER_OFF,
+    CONFIG_NAME,
+    TOKENS_KWARG,
+    WEIGHTS_NAME,
+    _AdapterOff,
+    decoupled_attention,
+    tile_user_tokens,
+)
 
-WEIGHTS_NAME = "adapter.safetensors"
-CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
-TOKENS_KWARG = "ip_hidden_states"
-
-
-class _AdapterOff:
-    """The value of ``TOKENS_KWARG`` that switches the user branch off (the base UNet, exactly)."""
-
-    def __repr__(self) -> str:
-        return "ADAPTER_OFF"
-
-
-ADAPTER_OFF = _AdapterOff()
+# Copied into every adapter folder: loads it into plain diffusers without this package (docs/adapter.md).
+STANDALONE_NAME = "sage_user_adapter.py"
+CARD_NAME = "README.md"
 
 
 @dataclass
@@ -67,8 +68,15 @@ class AdapterConfig:
     layers: list[str] = field(default_factory=list)
     layer_dims: list[int] = field(default_factory=list)
     backbone: str = "sdxl"
+    # Portable references (issue 16): a hub id, or a local folder's name and content identity, never a path.
     base_model: str | None = None
+    base_model_identity: str | None = None
+    base_model_revision: str | None = None
+    # A hub id; or "label/dataset" with dataset_base "run": relative to the run dir (the adapter's ../..).
     dataset: str | None = None
+    dataset_base: str | None = None
+    dataset_identity: str | None = None
+    embedding_model: str | None = None
     uncond_user_input: str = "same user tokens as the conditional branch"
     format_version: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)
@@ -108,11 +116,10 @@ class UserAttnProcessor:
 
     @staticmethod
     def _user_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-        if tokens.shape[0] == batch_size:
-            return tokens
-        if batch_size % tokens.shape[0] == 0:
-            return tokens.repeat(batch_size // tokens.shape[0], 1, 1)
-        raise SageError(f"user adapter: {tokens.shape[0]} user rows cannot condition a batch of {batch_size}")
+        try:
+            return tile_user_tokens(tokens, batch_size)
+        except ValueError as exc:
+            raise SageError(str(exc)) from None
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -121,60 +128,11 @@ class UserAttnProcessor:
         if ip_hidden_states is None:
             raise SageError("user adapter: UNet called without user tokens; pass cross_attention_kwargs="
                             "adapter.attention_kwargs(tokens), or adapter.reference_kwargs() for the base model")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                       dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
         if ip_hidden_states is not ADAPTER_OFF:
-            tokens = self._user_tokens(ip_hidden_states, batch_size)
-            user_key = self.branch.to_k(tokens.to(self.branch.to_k.weight.dtype)).to(query.dtype)
-            user_value = self.branch.to_v(tokens.to(self.branch.to_v.weight.dtype)).to(query.dtype)
-            user_key = user_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            user_value = user_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            user_states = F.scaled_dot_product_attention(query, user_key, user_value, dropout_p=0.0,
-                                                         is_causal=False)
-            user_states = user_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-            hidden_states = hidden_states + self.scale * user_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            batch = (hidden_states.shape[0] if encoder_hidden_states is None else encoder_hidden_states.shape[0])
+            ip_hidden_states = self._user_tokens(ip_hidden_states, batch)
+        return decoupled_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                   ip_hidden_states, self.branch.to_k, self.branch.to_v, self.scale)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -297,6 +255,7 @@ class UserAdapter(nn.Module):
         if training:
             config["training"] = {**config.get("training", {}), **training}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(directory / STANDALONE_NAME, (Path(__file__).parent / "standalone.py").read_text())
         return directory
 
     @classmethod

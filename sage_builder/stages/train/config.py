@@ -34,7 +34,8 @@ class TrainConfig(StrictModel):
     dataset: OptionalModelRef = Field(None, description="stage-4 dataset: local folder or hub repo id "
                                       "(default: RUN/label/dataset)")
     train_split: str = "train"
-    eval_split: str | None = Field("val", description="held-out split for implicit accuracy (null: none)")
+    eval_split: str | None = Field("validation", description="held-out split for implicit accuracy (null: none; "
+                                  "`val`, the name before issue 16, reads an older dataset's held-out split)")
     eval_records: int = Field(256, ge=0, description="held-out records evaluated at the end (0: all)")
     eval_noise_draws: int = Field(4, ge=1, description="noise/timestep draws averaged per held-out record")
 

@@ -34,6 +34,8 @@ log = logging.getLogger("sage.train")
 PREPROCESS_VERSION = "resize-short-side-lanczos/center-to-8/mean/v1"
 VARIANT_COLUMN = {"u": "image_unsafe", "s": "image_safe"}
 SHA256_COLUMN = {"u": "sha256_unsafe", "s": "sha256_safe"}
+# The held-out split is `validation` on the Hub (stage 4 since issue 16) and `val` in older datasets.
+HELD_OUT_NAMES = {"validation": "val", "val": "validation"}
 REBUILD = "rerun stage 4 (`sage stage label --force`) or copy the dataset again"
 
 
@@ -45,6 +47,8 @@ class PreferenceRecord:
     caption: str
     chosen: str  # variant "u" or "s"
     rejected: str
+    category: str = ""
+    reason: str = ""  # "banned" (the safe image is chosen) or "allowed"
 
 
 @dataclass
@@ -181,19 +185,22 @@ def load_preference_data(source: str | Path, splits: Iterable[str], optional: It
     out: dict[str, list[PreferenceRecord]] = {}
     optional = set(optional)
     for split in [*splits, *sorted(optional)]:
-        if split not in preferences and split in optional:
+        stored = split if split in preferences else HELD_OUT_NAMES.get(split, split)
+        if stored not in preferences and split in optional:
             log.warning("%s: no '%s' split in the preferences config; nothing to evaluate on", source, split)
             out[split] = []
             continue
-        if split not in preferences:
+        if stored not in preferences:
             raise StageInputError(f"{source}: the 'preferences' config has no split '{split}' "
                                   f"(it has {sorted(preferences.keys())})")
-        table = preferences[split].select_columns(
-            ["record_id", "user_id", "pair_id", "caption", "chosen_variant", "rejected_variant"])
+        wanted = ["record_id", "user_id", "pair_id", "caption", "chosen_variant", "rejected_variant"]
+        table = preferences[stored].select_columns(
+            wanted + [c for c in ("category", "reason") if c in preferences[stored].column_names])
         records = []
         for row in table:
             rec = PreferenceRecord(row["record_id"], row["user_id"], row["pair_id"], row["caption"] or "",
-                                   row["chosen_variant"], row["rejected_variant"])
+                                   row["chosen_variant"], row["rejected_variant"], row.get("category") or "",
+                                   row.get("reason") or "")
             if rec.user_id not in embeddings:
                 raise StageInputError(f"record {rec.record_id}: user {rec.user_id} has no embedding in the 'users' "
                                       f"config of {source}; rerun stage 4 (label) or drop the user's records")
@@ -261,13 +268,12 @@ class TensorCache:
         return self.path(key).exists()
 
     def put(self, key: str, tensors: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from sage_builder.store import atomic_path
+        from sage_builder.store import atomic_write_bytes
 
-        path = self.path(key)
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        # save() + an ordinary write: safetensors' save_file creates files 0600, ignoring the umask.
+        atomic_write_bytes(self.path(key), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
     def get(self, key: str) -> dict[str, Any]:
         from safetensors.torch import load_file

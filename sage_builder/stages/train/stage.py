@@ -2,7 +2,8 @@
 stage-4 dataset, then the levels x prompts grid rendered with it.
 
 Outputs in ``RUN/train/``: ``adapter/`` (adapter.safetensors, written byte-reproducibly, +
-adapter_config.json), ``metrics.parquet`` (one row per optimizer step of the whole run: the rows
+adapter_config.json with portable references only, README.md the model card, sage_user_adapter.py
+to load it without this package; see docs/adapter.md), ``metrics.parquet`` (one row per optimizer step of the whole run: the rows
 are checkpointed with the training state, so a killed and resumed run has the same rows as an
 uninterrupted one), ``eval.json`` (implicit accuracy on the held-out split), ``grid.png``; working
 files: ``checkpoints/`` (resume), ``cache/`` (latents and text embeddings, content-keyed),
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,17 @@ def verify_label_dataset(run: RunDir, manifest: Manifest) -> None:
                                   f"would read); remove it, or {fix}")
 
 
+def adapter_lineage(run: RunDir, label: Manifest) -> dict[str, dict[str, str]]:
+    """Manifest hash and fingerprint of stages 1-4 of the run, for the adapter's card."""
+    out = {}
+    for stage in ("profiles", "prompts", "render"):
+        manifest = run.stage(stage).read_manifest()
+        if manifest is not None:
+            out[stage] = {"content_hash": manifest.content_hash(), "fingerprint": manifest.fingerprint}
+    out["label"] = {"content_hash": label.content_hash(), "fingerprint": label.fingerprint}
+    return out
+
+
 class TrainStage(Stage):
     name = "train"
     inputs = ("label",)
@@ -90,6 +103,9 @@ class TrainStage(Stage):
                f"1.3-1.5x the CPU time per step on the tiny SDXL)"] if cfg.gradient_checkpointing else [])])
 
     def run(self, ctx: StageContext) -> None:
+        from sage_builder.config_base import model_identity, public_model_ref
+        from sage_builder.stages.train.adapter import CARD_NAME, CONFIG_NAME, STANDALONE_NAME, WEIGHTS_NAME
+        from sage_builder.stages.train.card import adapter_card, base_model_refs, dataset_refs
         from sage_builder.stages.train.data import load_preference_data
         from sage_builder.stages.train.generate import render_grid, users_from_dataset
         from sage_builder.stages.train.trainer import AdapterTrainer, load_base_pipeline
@@ -116,11 +132,23 @@ class TrainStage(Stage):
                 evaluation = trainer.evaluate(held_out[: cfg.eval_records] if cfg.eval_records else held_out)
             if not trainer.accelerator.is_main_process:
                 return
-            trainer.adapter.save(ctx.stage_dir.file("adapter"), steps=result.step, beta=cfg.beta,
+            label_manifest = ctx.input("label")
+            refs = {**base_model_refs(cfg.model, cfg.revision),
+                    **dataset_refs(cfg.dataset, model_identity(cfg.dataset) if cfg.dataset else label_manifest.content_hash()),
+                    "embedding_model": public_model_ref(config.profiles.embedding_model or config.llm.model)}
+            trainer.adapter.config = replace(trainer.adapter.config, **refs)
+            adapter_dir = ctx.stage_dir.file("adapter")
+            trainer.adapter.save(adapter_dir, steps=result.step, beta=cfg.beta,
                                  learning_rate=cfg.learning_rate, optimizer=cfg.optimizer, resolution=cfg.resolution,
                                  dataset_fingerprint=fingerprint)
-            ctx.add_output("adapter/adapter.safetensors")
-            ctx.add_output("adapter/adapter_config.json")
+            evaluation_card = {"split": cfg.eval_split, **{k: v for k, v in evaluation.items() if k != "z"}}
+            records = {split: len(rows) for split, rows in data.splits.items()}
+            atomic_write_text(adapter_dir / CARD_NAME, adapter_card(
+                json.loads((adapter_dir / CONFIG_NAME).read_text()), lineage=adapter_lineage(ctx.run, label_manifest),
+                records=records, evaluation=evaluation_card, embedding_model=refs["embedding_model"],
+                categories=list(config.categories)))
+            for name in (WEIGHTS_NAME, CONFIG_NAME, STANDALONE_NAME, CARD_NAME):
+                ctx.add_output(f"adapter/{name}")
             if result.metrics:
                 import pyarrow as pa
 

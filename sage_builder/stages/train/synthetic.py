@@ -73,9 +73,9 @@ def write_synthetic_dataset(root: Path | str, n_train_pairs: int = 8, n_val_pair
     pairs: dict[str, list] = {k: [] for k in ("pair_id", "category", "concept", "idx", "prompt_unsafe",
                                               "prompt_safe", "seed", "image_unsafe", "image_safe",
                                               "sha256_unsafe", "sha256_safe")}
-    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
     for i in range(n_train_pairs + n_val_pairs):
-        split = "train" if i < n_train_pairs else "val"
+        split = "train" if i < n_train_pairs else "validation"
         pair_id = f"pair{i:04d}"
         unsafe = b"not an image" if pair_id in broken_images else _image(rng, True, size)
         safe = _image(rng, False, size)

@@ -52,6 +52,32 @@ log = logging.getLogger("sage.train")
 CHECKPOINT_PREFIX = "step-"
 
 
+# Implicit accuracy of a model that cannot tell chosen from rejected (ties count half).
+CHANCE_LEVEL = 0.5
+
+
+def implicit_accuracy(z: np.ndarray | torch.Tensor) -> float:
+    """Share of pairs the policy prefers as labelled (z > 0), a tie (z == 0) counting as half."""
+    values = np.asarray(z, dtype=np.float64)
+    if values.size == 0:
+        return float("nan")
+    return float(((values > 0).sum() + 0.5 * (values == 0).sum()) / values.size)
+
+
+def accuracy_summary(zs: list[float]) -> dict[str, Any]:
+    values = np.asarray(zs, dtype=np.float64)
+    return {"records": int(values.size), "implicit_accuracy": implicit_accuracy(values),
+            "ties": int((values == 0).sum()), "reward_margin": float(values.mean()) if values.size else 0.0}
+
+
+def grouped_accuracy(zs: list[float], groups: list[str]) -> dict[str, dict[str, Any]]:
+    """``accuracy_summary`` per group (the label's reason, or the category), groups in sorted order."""
+    out = {}
+    for name in sorted(set(groups)):
+        out[name] = accuracy_summary([z for z, g in zip(zs, groups) if g == name])
+    return out
+
+
 class TrainingError(SageError):
     """Training cannot continue (NaN loss, incompatible checkpoint)."""
 
@@ -237,7 +263,7 @@ class AdapterTrainer:
             torch.manual_seed(config.seed)
             self.adapter = UserAdapter.for_unet(self.frozen.unet, data.embedding_dim,
                                                 n_tokens=config.n_user_tokens, scale=config.adapter_scale,
-                                                backbone=config.backbone, base_model=model_id, dataset=data.source)
+                                                backbone=config.backbone)
         self.adapter.to(self.accelerator.device, torch.float32)
         self.adapter.install(self.frozen.unet)
         if config.gradient_checkpointing:
@@ -389,6 +415,7 @@ class AdapterTrainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            follow_umask(tmp)
             (tmp / "trainer.json").write_text(json.dumps({"step": self.state.step, "position": self.state.position,
                                                          "fingerprint": self.fingerprint}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -482,7 +509,7 @@ class AdapterTrainer:
             zs = torch.cat([w[1] for w in window])
             now = time.time()
             row = {"step": self.state.step, "loss": float(np.mean([w[0] for w in window])),
-                   "implicit_accuracy": float((zs > 0).float().mean()), "reward_margin": float(zs.mean()),
+                   "implicit_accuracy": implicit_accuracy(zs.numpy()), "reward_margin": float(zs.mean()),
                    "lr": float(scheduler.get_last_lr()[0]), "images_per_s": images / max(now - tick, 1e-9)}
             window, tick, images = [], now, 0
             self.state.metrics.append(row)
@@ -502,7 +529,10 @@ class AdapterTrainer:
     @torch.no_grad()
     def evaluate(self, records: list[PreferenceRecord], draws: int | None = None, seed: int = 1234
                  ) -> dict[str, Any]:
-        """Implicit accuracy on held-out records: z from losses averaged over ``draws`` noise/timestep draws."""
+        """Implicit accuracy on held-out records: z from losses averaged over ``draws`` noise/timestep draws.
+
+        A tie (z = 0: the adapter changes nothing, as an untrained one does) counts as half right, so
+        chance reads 0.5, not 0.0; the result also splits by the label's reason and by category."""
         draws = draws or self.config.eval_noise_draws
         if not records:
             return {"records": 0}
@@ -517,9 +547,10 @@ class AdapterTrainer:
                 _, z = self.forward_losses(policy, self.make_batch([rec], gen, augment=False))
                 z_sum += z.float().cpu().sum()
             zs.append(float(z_sum / draws))
-        z_arr = np.array(zs)
-        return {"records": len(zs), "implicit_accuracy": float((z_arr > 0).mean()), "reward_margin": float(z_arr.mean()),
-                "z": zs, "draws": draws}
+        return {**accuracy_summary(zs), "chance_level": CHANCE_LEVEL, "draws": draws,
+                "by_reason": grouped_accuracy(zs, [r.reason or "unknown" for r in records]),
+                "by_category": grouped_accuracy(zs, [r.category or "unknown" for r in records]),
+                "z": zs}
 
     def close(self) -> None:
         self.adapter.remove()
@@ -527,6 +558,18 @@ class AdapterTrainer:
             self.frozen.unet.disable_gradient_checkpointing()
         if self.accelerator.num_processes == 1:
             reset_accelerate()
+
+
+def follow_umask(directory: Path) -> None:
+    """Give the files under ``directory`` the mode the user's umask gives new files: accelerate saves
+    weights with safetensors' ``save_file``, which creates them 0600 whatever the umask."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def reset_accelerate() -> None:

@@ -1,0 +1,1 @@
+"""``sage report RUN``: one static page of a run (``report.html``), and the pictures stages draw."""
