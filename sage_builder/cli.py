@@ -16,17 +16,31 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sage_builder import PROJECT_ROOT
+from sage_builder import PROJECT_ROOT, __version__
 from sage_builder.cli_util import handle_errors, setup_logging
 from sage_builder.config import PipelineConfig, load_config
 from sage_builder.errors import ConfigError
 from sage_builder.stages import STAGE_ORDER, all_stages, get_stage
 from sage_builder.store import RunDir
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# Plain (click) help: no boxes or `<bool>` placeholders, and it reads the same in an 80-column CI log.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Regenerate Sage (PSA's personalized-safety dataset) and train its user adapter.")
-models_app = typer.Typer(no_args_is_help=True, help="Small offline models for the demo and tests.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Small offline models for the demo and tests.")
 app.add_typer(models_app, name="models")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sage-builder {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Regenerate Sage (PSA's personalized-safety dataset) and train its user adapter."""
 
 DEFAULT_PIPELINE = PROJECT_ROOT / "pipelines" / "demo.yaml"
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML (see pipelines/)")]
@@ -109,7 +123,10 @@ def _status_rows(run: RunDir, config: PipelineConfig | None, verify: bool = Fals
 @app.command("status")
 @handle_errors
 def status(
-    run_dir: Annotated[Path, typer.Argument(help="run directory")] = Path("runs/demo"),
+    run_dir_arg: Annotated[Optional[Path], typer.Argument(
+        metavar="RUN_DIR", help="run directory (same as --run-dir)", show_default=False)] = None,
+    run_dir_opt: Annotated[Optional[Path], typer.Option(
+        "--run-dir", "-r", help="run directory  [default: runs/demo]", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     config_path: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="compare against this config (default: the run's own config.yaml)")] = None,
@@ -117,9 +134,13 @@ def status(
         "--verify", help="hash every output (default: only files whose size or mtime changed)")] = False,
 ) -> None:
     """Per stage: done / modified / partial / stale / missing, row counts, outputs and when."""
+    if run_dir_arg is not None and run_dir_opt is not None and run_dir_arg != run_dir_opt:
+        raise ConfigError(f"two run directories given ({run_dir_arg} and --run-dir {run_dir_opt}); give one")
+    run_dir = run_dir_opt or run_dir_arg or Path("runs/demo")
     run = RunDir(run_dir)
     if not run.root.exists():
-        raise ConfigError(f"{run_dir}: no such run directory (start one with `sage run --run-dir {run_dir}`)")
+        raise ConfigError(f"{run_dir}: no such run directory (start one with "
+                          f"`sage run --config PIPELINE.yaml --run-dir {run_dir}`)")
     if not run.root.is_dir():
         raise ConfigError(f"{run_dir}: is a file, not a run directory")
     saved = run.root / "config.yaml"

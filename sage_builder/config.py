@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from sage_builder.config_base import (ConfigPath, ModelRef, OptionalModelRef, StrictModel, execution,  # noqa: F401
-                                      hashable_dump, model_identity, project_file)
+                                      hashable_dump, model_identity, project_file, unknown_key_hint)
 from sage_builder.errors import ConfigError
 from sage_builder.executors.config import RayConfig
 from sage_builder.stages.label.config import LabelConfig
@@ -33,22 +33,26 @@ DEFAULT_CATEGORIES = ["Hate", "Harassment", "Violence", "Self-Harm", "Sexuality"
 class LLMConfig(StrictModel):
     """Which LLM answers the stage's requests, and how it samples."""
 
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="transformers (in-process), vllm (in-process engine, gpu extra) or openai "
+        "(any OpenAI-compatible server, e.g. vllm serve)")
     model: ModelRef = Field(description="hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a local model folder")
     revision: str | None = Field(None, description="hub revision (commit) to pin; recorded in manifests")
     gguf_file: str | None = Field(None, description="transformers backend: load this GGUF file inside `model`")
     base_url: str | None = execution(None, description="openai backend: the endpoint, e.g. http://host:8000/v1")
     api_key_env: str = execution("OPENAI_API_KEY", description="environment variable holding the API key")
     served_model_name: str | None = Field(None, description="openai backend: model name to send (default: model)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="token limit per reply (a cut reply is "
+                                "rejected as truncated)")
     seed: int = Field(0, description="base sampling seed; each request's seed derives from it and the item key")
     max_attempts: int = Field(3, ge=1, le=20, description="tries per item before it goes to the rejects table")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = execution("auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = execution(
+        "auto", description="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
     device: str = execution("auto", description="transformers backend: cpu, cuda, cuda:1 or auto")
     concurrency: int = execution(8, ge=1, le=4096, description="openai backend: requests in flight")
-    request_timeout_s: float = execution(120.0, gt=0)
+    request_timeout_s: float = execution(120.0, gt=0, description="openai backend: seconds per request")
     max_retries: int = execution(6, ge=0, le=50, description="openai backend: transport retries on 429, 5xx, "
                                  "timeouts and dropped connections before the request counts as failed")
     retry_backoff_s: float = execution(1.0, ge=0.0, description="openai backend: first retry wait, doubling "
@@ -59,27 +63,35 @@ class LLMConfig(StrictModel):
         "and a pre-allocated KV cache; generate = transformers' generate() (the earlier path, for comparison)")
     threads: int | None = execution(None, ge=1, description="transformers backend on CPU: torch threads (null: "
                                     "the cores not busy when the model loads, by the 1-minute load average)")
-    tensor_parallel_size: int = execution(1, ge=1)
-    gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0)
-    max_model_len: int | None = execution(None, ge=64)
+    tensor_parallel_size: int = execution(1, ge=1, description="vllm backend: GPUs per engine")
+    gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0, description="vllm backend: share of GPU "
+                                              "memory the engine may take")
+    max_model_len: int | None = execution(None, ge=64, description="vllm backend: context length (null: "
+                                          "the model's)")
 
 
 class PipelineConfig(StrictModel):
     name: str = Field(description="a short name for the run configuration")
     seed: int = Field(2025, description="global seed; every per-item seed derives from it and the item's key")
-    categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES), min_length=1)
+    categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES), min_length=1,
+                                  description="the harm categories (the paper's seven)")
     executor: Literal["local", "ray"] = execution(
         "local", description="where stages 1-3 run: local (this process, render.workers processes) or "
         "ray (LLM engine actors and one render actor per GPU on a Ray cluster; see the `ray` section)")
     ray: RayConfig = Field(default_factory=RayConfig, json_schema_extra={"execution": True},
                            description="executor: ray only (scheduling, never hashed)")
-    llm: LLMConfig
-    profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    render: RenderConfig = Field(default_factory=RenderConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    publish: PublishConfig = Field(default_factory=PublishConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    llm: LLMConfig = Field(description="the LLM of stages 1 and 2")
+    profiles: ProfilesConfig = Field(default_factory=ProfilesConfig, description="stage 1: users, banned "
+                                     "categories, embeddings, splits")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="stage 2: concepts and "
+                                   "safe/unsafe prompt pairs")
+    render: RenderConfig = Field(default_factory=RenderConfig, description="stage 3: one image per prompt")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="stage 4: per-user preference "
+                               "records, the Hub dataset layout")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="stage 5: the Hub dataset "
+                                   "repo")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="stage 6: the user-conditioned "
+                               "adapter (Diffusion-DPO)")
     source: Path | None = execution(None, description="the YAML file this was loaded from (set by the loader)")
 
     @field_validator("categories")
@@ -101,7 +113,8 @@ def _format_error(source: str, exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `sage config-schema`)"
+            hint = unknown_key_hint(PipelineConfig, [str(p) for p in err["loc"]])
+            msg = f"unknown key ({hint or 'check the spelling'}; see `sage config-schema`)"
         problems.append(f"{key}: {msg}")
     return f"{source}: " + "; ".join(problems)
 
@@ -152,6 +165,9 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Pipelin
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set profiles.n_users=20")
         key, raw = item.split("=", 1)
+        problem = unknown_key_hint(PipelineConfig, key.strip().split("."))
+        if problem:  # the command line's typo, not the YAML file's
+            raise ConfigError(f"--set {key.strip()}: {problem} (see `sage config-schema`)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:

@@ -118,3 +118,23 @@ def hashable_dump(model: BaseModel) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
+
+
+def unknown_key_hint(root: type[BaseModel], dotted: list[str]) -> str | None:
+    """For a key path the schema lacks: which part is unknown and the closest known names (difflib),
+    e.g. "no key 'n_user' in profiles; did you mean 'n_users'?". None when every part exists."""
+    import difflib
+
+    model: Any = root
+    for depth, key in enumerate(dotted):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None  # below a free-form value (a dict, a list): not the schema's to judge
+        if key not in model.model_fields:
+            where = ".".join(dotted[:depth]) or "the top level"
+            close = difflib.get_close_matches(key, list(model.model_fields), n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                f"; known keys: {', '.join(sorted(model.model_fields))}"
+            return f"no key '{key}' in {where}{hint}"
+        model = model.model_fields[key].annotation
+    return None
+

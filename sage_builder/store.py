@@ -162,7 +162,7 @@ class StageDir:
             return Manifest.model_validate_json(self.manifest_path.read_text())
         except ValueError as exc:
             raise StageInputError(f"{self.manifest_path}: unreadable manifest ({exc.__class__.__name__}); "
-                                  f"rerun `sage stage {self.name} --force`") from None
+                                  f"rerun `{self.run.stage_command(self.name, '--force')}`") from None
 
     def write_manifest(self, manifest: Manifest) -> None:
         atomic_write_text(self.manifest_path, manifest.model_dump_json(indent=2))
@@ -280,8 +280,15 @@ class RunDir:
         if manifest is None:
             who = f"stage '{needed_by}' needs" if needed_by else "needs"
             raise StageInputError(f"{who} the outputs of stage '{stage}' in {self.root}, which is not done; "
-                                  f"run `sage stage {stage} --run-dir {self.root}` first")
+                                  f"run `{self.stage_command(stage)}` first")
         return manifest
+
+    def stage_command(self, stage: str, *flags: str) -> str:
+        """The command that (re)runs ``stage`` here, for error hints: with the config this run used
+        (``RUN/config.yaml``), so that a hint typed as shown never runs the demo config into it."""
+        config = self.root / "config.yaml"
+        return " ".join(["sage stage", stage, "--config", str(config) if config.exists() else "PIPELINE.yaml",
+                         "--run-dir", str(self.root), *flags])
 
 
 def _acquire_lock(path: Path) -> Any:

@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from sage_builder.cli import app
+from sage_builder.stages import STAGE_ORDER
 from sage_builder.store import Manifest, RunDir, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +48,9 @@ def test_status_json_contract(tmp_path):
     data = status_json(run.root)
     assert data["run_dir"] == str(run.root.resolve())
     stages = {s["name"]: s for s in data["stages"]}
-    assert list(stages) == ["profiles", "prompts", "render", "label", "publish", "train"]
-    assert [s["number"] for s in data["stages"]] == [1, 2, 3, 4, 5, 6]
+    assert list(stages) == STAGE_ORDER[:6] + STAGE_ORDER[6:] and STAGE_ORDER[:6] == [
+        "profiles", "prompts", "render", "label", "publish", "train"]
+    assert [s["number"] for s in data["stages"]] == list(range(1, len(STAGE_ORDER) + 1))
     done = stages["profiles"]
     assert done["state"] == "done" and done["rows"] == {"profiles.parquet": 3}
     assert done["outputs"] == [str(run.stage("profiles").file("profiles.parquet"))]
@@ -56,7 +58,7 @@ def test_status_json_contract(tmp_path):
     assert done["report"] == {"n_users": 3} and done["seconds"] == 2.0
     assert stages["prompts"]["state"] == "partial" and stages["prompts"]["manifest_hash"] is None
     assert stages["render"]["state"] == "stale" and "profiles" in stages["render"]["reason"]
-    assert {stages[s]["state"] for s in ("label", "publish", "train")} == {"missing"}
+    assert {stages[s]["state"] for s in STAGE_ORDER[3:]} == {"missing"}
 
     # A deleted output turns a done stage into partial.
     run.stage("profiles").file("profiles.parquet").unlink()
@@ -73,7 +75,7 @@ def test_plan_runs_on_the_demo():
     result = runner.invoke(app, ["plan", "--config", str(REPO / "pipelines" / "demo.yaml"), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [s["stage"] for s in data["stages"]] == ["profiles", "prompts", "render", "label", "publish", "train"]
+    assert [s["stage"] for s in data["stages"]] == STAGE_ORDER
     assert "gpu_hours" in data["summary"]
 
 

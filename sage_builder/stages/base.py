@@ -182,7 +182,7 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir, verif
     if missing:
         state, reason = "partial", f"output missing: {missing[0]}"
     elif problem:
-        state, reason = "modified", f"{problem}; rerun `sage stage {stage.name}` to rebuild it"
+        state, reason = "modified", f"{problem}; rerun `{run.stage_command(stage.name)}` to rebuild it"
     else:
         for name, recorded in manifest.inputs.items():
             upstream = run.stage(name).read_manifest()
@@ -262,8 +262,7 @@ def verify_inputs(stage: Stage, run: RunDir, full: bool = False) -> None:
         problem = run.stage(name).output_problem(manifest, full=full)
         if problem is not None:
             raise StageInputError(f"{problem} since stage '{name}' wrote it (corrupt or edited), so stage "
-                                  f"'{stage.name}' cannot use it; rerun `sage stage {name} --run-dir {run.root}` "
-                                  "to rebuild it")
+                                  f"'{stage.name}' cannot use it; rerun `{run.stage_command(name)}` to rebuild it")
 
 
 @contextlib.contextmanager

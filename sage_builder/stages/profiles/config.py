@@ -16,8 +16,9 @@ class SplitSizes(StrictModel):
         "seeded", description="seeded: a shuffle drawn from `seed`, the sizes below scaled to n_users; psalign: "
                               "the published user -> split assignment in `file` (users 0000001-0001000)")
     train: int = Field(900, ge=0, description="seeded: users per split at 1,000 users, scaled for other counts")
-    val: int = Field(50, ge=0)
-    test_unseen: int = Field(50, ge=0)
+    val: int = Field(50, ge=0, description="seeded: validation users at 1,000 users (scaled)")
+    test_unseen: int = Field(50, ge=0, description="seeded: test users never seen in training, at 1,000 users "
+                                                       "(scaled)")
     test_seen: int = Field(50, ge=0, description="taken from the train users")
     file: ConfigPath = execution(project_file("profiles", "published_splits.csv"),
                                  description="psalign: `user_id,split` rows (val, test_seen, test_unseen; every "
@@ -30,7 +31,7 @@ class SplitSizes(StrictModel):
 
 
 class ProfilesConfig(StrictModel):
-    n_users: int = Field(1000, gt=0)
+    n_users: int = Field(1000, gt=0, description="simulated users (the paper: 1,000)")
     sampler: Literal["psalign", "config"] = Field(
         "psalign", description="psalign: the authors' procedure and NumPy legacy stream (bit-exact with the "
                                "published users at seed 2025); config: the same YAML with np.random.default_rng")
@@ -56,13 +57,19 @@ class ProfilesConfig(StrictModel):
     enforced_ban_template: ConfigPath = execution(
         project_file("prompts", "ban_categories_enforced.txt"),
         description="rules: enforce (placeholders user, rules, decided, categories)")
-    statement_template: ConfigPath = execution(project_file("prompts", "user_statement.txt"))
+    statement_template: ConfigPath = execution(project_file("prompts", "user_statement.txt"),
+                                               description="the profile -> statement text that is embedded; "
+                                                           "content is hashed")
     embedding_model: OptionalModelRef = Field(None, description="default: llm.model")
-    embedding_pooling: Literal["mean"] = "mean"
-    n_clusters: int = Field(5, ge=1)
-    splits: SplitSizes = Field(default_factory=SplitSizes)
-    tsne_perplexity: float = Field(30.0, gt=0)
-    embedding_batch_size: int = execution(8, ge=1)
+    embedding_pooling: Literal["mean"] = Field("mean", description="how token states become one user "
+                                               "embedding (mean over the statement's tokens)")
+    n_clusters: int = Field(5, ge=1, description="k-means clusters of the user embeddings (report, t-SNE "
+                                                 "colours)")
+    splits: SplitSizes = Field(default_factory=SplitSizes, description="users' split roles (train, val, "
+                               "test_seen, test_unseen)")
+    tsne_perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity of tsne.png (below the user "
+                                                           "count)")
+    embedding_batch_size: int = execution(8, ge=1, description="statements per embedding forward pass")
 
     @model_validator(mode="after")
     def _labels_file_with_file_labeller(self) -> ProfilesConfig:

@@ -13,10 +13,14 @@ from sage_builder.config_base import ConfigPath, OptionalModelRef, StrictModel, 
 class PromptTemplates(StrictModel):
     """The LLM instructions of this stage; their content (not their path) is hashed."""
 
-    concept_describe: ConfigPath = execution(project_file("prompts", "concept_describe.txt"))
-    concept_expand: ConfigPath = execution(project_file("prompts", "concept_expand.txt"))
-    pair_unsafe: ConfigPath = execution(project_file("prompts", "pair_unsafe.txt"))
-    pair_safe: ConfigPath = execution(project_file("prompts", "pair_safe.txt"))
+    concept_describe: ConfigPath = execution(project_file("prompts", "concept_describe.txt"),
+                                             description="concept -> description instruction")
+    concept_expand: ConfigPath = execution(project_file("prompts", "concept_expand.txt"),
+                                           description="seed concepts -> new concepts instruction")
+    pair_unsafe: ConfigPath = execution(project_file("prompts", "pair_unsafe.txt"),
+                                        description="concept -> unsafe prompt instruction")
+    pair_safe: ConfigPath = execution(project_file("prompts", "pair_safe.txt"),
+                                      description="unsafe prompt -> its safe counterpart instruction")
 
     def as_dict(self) -> dict[str, Path]:
         return {name: getattr(self, name) for name in type(self).model_fields}
@@ -50,7 +54,8 @@ class PromptsConfig(StrictModel):
                                                                            "pair duplicates an earlier one")
     clip_tokenizer: OptionalModelRef = Field(None, description="model folder or hub id whose tokenizer/ (and "
                                                          "tokenizer_2/) count CLIP tokens; default render.model")
-    templates: PromptTemplates = Field(default_factory=PromptTemplates)
+    templates: PromptTemplates = Field(default_factory=PromptTemplates, description="the stage's LLM "
+                                       "instruction files (prompts/)")
 
     @model_validator(mode="before")
     @classmethod

@@ -31,7 +31,7 @@ class PublishConfig(StrictModel):
     gated: Literal[False, "auto", "manual"] = Field(
         False, description="gate access requests on the repo: auto (approved automatically) or manual")
     revision: str = Field("main", description="branch to commit to (created from main if missing)")
-    license: str = "cc-by-nc-4.0"
+    license: str = Field("cc-by-nc-4.0", description="the dataset card's license id")
     include_manifests: bool = Field(True, description="also push the stage manifests (lineage) as manifests/*.json")
     commit_message: str = Field("Publish Sage dataset with sage-builder", description="summary of the commit")
     num_threads: int = execution(5, ge=1, le=64, description="parallel LFS uploads")
