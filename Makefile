@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo demo-ray test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
-        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-ray bench-gpu gpu-wheels clean
+        status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-ray bench-gpu chaos gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
 # pip keeps the local CPU wheel instead of resolving a multi-GB CUDA build.
@@ -93,6 +93,11 @@ bench-llm: models
 
 bench-llm-backends: models
 	$(PY) benchmarks/bench_llm_backends.py --transformers $(MODELS)/smollm2-135m-instruct
+
+# SIGKILL stages 1-4 and 6 at seeded random points, rerun, compare with an uninterrupted run (KILLS=20).
+KILLS ?= 20
+chaos: models
+	$(PY) benchmarks/chaos.py --kills $(KILLS)
 
 # Wheels the GPU machine lacks (it has torch, transformers, accelerate, pyarrow, pandas, typer
 # but no network, no diffusers and no pydantic): downloaded here into .whl/, carried along, and

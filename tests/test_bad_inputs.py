@@ -169,6 +169,8 @@ CLI = [
     c("run-dir-dangling-symlink", "none", _then(lambda x: x.run.symlink_to(x.tmp / "gone"), lambda x: x.stage("label")),
       lambda x: f"--run-dir {x.run}: a symlink to"),
     c("run-until-typo", "none", lambda x: ["run", "--run-dir", str(x.run), "--until", "labl"], "unknown stage 'labl'"),
+    c("run-first-stage-fails", "none", lambda x: ["run", "--config", str(x.pipeline_with(
+        profiles={"demographics": str(x.tmp / "gone.yaml")})), "--run-dir", str(x.run)], "gone.yaml"),
     c("run-skip-typo", "none", lambda x: ["run", "--run-dir", str(x.run), "--skip", "rendr"], "unknown stage 'rendr'"),
     c("stage-unknown-name", "none", lambda x: ["stage", "nine", "--run-dir", str(x.run)], "unknown stage 'nine'"),
     c("stage-number-out-of-range", "none", lambda x: ["stage", "7", "--run-dir", str(x.run)], "unknown stage '7'"),
