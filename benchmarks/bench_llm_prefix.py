@@ -4,18 +4,23 @@ Requests are built as the prompts stage builds them, from ``pipelines/demo.yaml`
 sampling settings and batch size) and its templates: for the first ``--concepts`` seed concepts (in
 category order) a description request, then a p_h request (pair_unsafe, idx 1 of
 ``pairs_per_concept``) with that description, then a p_s request (pair_safe) rewriting that p_h.
-The descriptions and p_h texts come from the first row's replies, and every row then answers the
-same three request lists, so rows differ only in the engine. Each row is a fresh backend (model
-load not timed; the prefix store starts empty, so computing each template's prefix is timed).
+The descriptions and p_h texts come from an untimed setup pass with the new engine, and every row
+then answers the same three request lists, so rows differ only in the engine. Rows share one loaded
+model; each row's prefix store starts empty, so computing each template's prefix once is timed.
+Rows take turns within each phase (the order rotates), so that a load swing on a shared machine
+hits every row alike; the speed-up column is the median of the per-phase ratios to ``generate``.
 
 Rows add one lever each:
 
 - ``generate``: transformers' generate() + the old logits processor (``llm.decoder: generate``);
 - ``+sampler``: generate() with the new sampler (masks for running rows only, top-p for all rows
   at once, no per-row ``torch.multinomial``);
-- ``+cache``: the own decoding loop with the pre-allocated KV cache, no prefix reuse;
+- ``+cache``: the own decoding loop (pre-allocated KV cache, forced first tokens prefilled,
+  finished rows dropped), no prefix reuse;
 - ``+prefix``: shared-prefix KV reuse on top (``llm.decoder: cached``, the default);
-- ``+threads``: the new path with the thread count the backend picks from idle cores.
+- ``+threads``: the new path with the thread count the backend picks from idle cores;
+- ``+batch16``: the new path with 16 prompts per engine call instead of the demo's batch size
+  (execution-only, like the engine: more rows share each pass over the weights).
 
 Stage-2-equivalent seconds scale a row's seconds per request to the 282 engine requests of the
 idle-machine demo run in BENCHMARKS.md (500.7 s for stage 2 on the old path).
@@ -37,8 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sage_builder.config import load_config  # noqa: E402
 from sage_builder.llm.base import LLMRequest  # noqa: E402
-from sage_builder.llm.prefix_decoding import GuidedSampler  # noqa: E402
-from sage_builder.llm.transformers_backend import TransformersBackend, TransportFailure, _reply  # noqa: E402
+from sage_builder.llm.prefix_decoding import GuidedSampler, make_forward  # noqa: E402
+from sage_builder.llm.transformers_backend import (TransformersBackend, TransportFailure, _reply,  # noqa: E402
+                                                   _set_cpu_threads)
 from sage_builder.stages.prompts.concepts import load_seeds  # noqa: E402
 from sage_builder.stages.prompts.schemas import ConceptDescription, ImagePrompt  # noqa: E402
 from sage_builder.templates import load_template  # noqa: E402
@@ -75,11 +81,16 @@ class SamplerInGenerate(TransformersBackend):
             yield request.key, _reply(tok.decode(outcome.tokens, skip_special_tokens=True), outcome, limit)
 
 
-def make_backend(llm: Any, row: str, threads: int | None) -> TransformersBackend:
+def row_backend(base: TransformersBackend, row: str) -> TransformersBackend:
+    """A backend for one row sharing ``base``'s loaded model (one copy of the weights for all rows)."""
     decoder = "generate" if row in ("generate", "+sampler") else "cached"
-    config = llm.model_copy(update={"decoder": decoder, "threads": threads, "max_attempts": 1})
-    backend = (SamplerInGenerate if row == "+sampler" else TransformersBackend)(config)
-    backend.check_ready()
+    update: dict[str, Any] = {"decoder": decoder, "max_attempts": 1}
+    if row == "+batch16":
+        update["batch_size"] = 16
+    backend = (SamplerInGenerate if row == "+sampler" else TransformersBackend)(base.config.model_copy(update=update))
+    backend.model, backend.tokenizer, backend.device = base.model, base.tokenizer, base.device
+    backend._ll_tokenizer = base._ll_tokenizer  # noqa: SLF001 - benchmark wiring
+    backend._forward = make_forward(base.model) if decoder == "cached" else None  # noqa: SLF001
     if row == "+cache":
         backend.prefix_store = None
     return backend
@@ -96,21 +107,16 @@ def describe_requests(config: Any, n: int) -> list[tuple[str, str, LLMRequest]]:
                                                ConceptDescription)) for i, s in enumerate(chosen)]
 
 
-def run_row(backend: TransformersBackend, phases: list[list[LLMRequest]]) -> tuple[float, list[dict[str, Any]]]:
-    replies = []
-    start = time.perf_counter()
-    for requests in phases:
-        replies.append({r.key: r for r in backend.run(requests)})
-    return time.perf_counter() - start, replies
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "pipelines" / "demo.yaml"))
     parser.add_argument("--concepts", type=int, default=8, help="seed concepts (requests per phase)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every row but +threads")
-    parser.add_argument("--rows", nargs="+", default=["generate", "+sampler", "+cache", "+prefix", "+threads"])
+    parser.add_argument("--rows", nargs="+", default=["generate", "+sampler", "+cache", "+prefix", "+threads",
+                                                      "+batch16"])
     args = parser.parse_args()
+    import torch
+
     config = load_config(args.config)
     llm = config.llm
     n = config.prompts.pairs_per_concept
@@ -118,54 +124,67 @@ def main() -> None:
     safe_t = load_template(config.prompts.templates.pair_safe)
 
     described = describe_requests(config, args.concepts)
-    phases: list[list[LLMRequest]] = [[r for _, _, r in described]]
     print(f"# {llm.model} ({llm.dtype}), temperature {llm.temperature}, top_p {llm.top_p}, batch {llm.batch_size}, "
           f"{args.concepts} concepts x 3 phases; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at start; python {platform.python_version()}")
-    results: list[tuple[str, float, int, int, int, Any]] = []
-    for row in args.rows:
-        backend = make_backend(llm, row, None if row == "+threads" else args.threads)
-        tok = backend.tokenizer
-        if len(phases) == 1:  # the first row builds the p_h and p_s requests from its replies
-            start = time.perf_counter()
-            first = {r.key: r for r in backend.run(phases[0])}
-            unsafe = []
-            for (category, concept, request) in described:
-                reply = first[request.key]
-                description = reply.value.description if reply.ok else "no description"
-                unsafe.append(LLMRequest(request.key.replace("describe", "unsafe"), unsafe_t.render(
-                    category=category, concept=concept, description=description, idx=1, n=n), ImagePrompt))
-            second = {r.key: r for r in backend.run(unsafe)}
-            safe = []
-            for (category, concept, _), request in zip(described, unsafe):
-                reply = second[request.key]
-                p_h = reply.value.prompt if reply.ok else (reply.raw or "a street at night")
-                safe.append(LLMRequest(request.key.replace("unsafe", "safe"), safe_t.render(
-                    category=category, concept=concept, prompt=p_h, avoid=concept), ImagePrompt))
-            third = {r.key: r for r in backend.run(safe)}
-            seconds, replies = time.perf_counter() - start, [first, second, third]
-            phases += [unsafe, safe]
-        else:
-            seconds, replies = run_row(backend, phases)
-        flat = [r for phase in replies for r in phase.values()]
-        generated = sum(len(tok(r.raw, add_special_tokens=False)["input_ids"]) + 1 for r in flat if r.raw)
-        prompt_tokens = sum(len(tok.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=True))
-                            for phase in phases for q in phase)
-        results.append((row, seconds, len(flat), generated, sum(r.ok for r in flat), backend.usage()))
-        backend.close()
-        print(f"  {row}: {seconds:.1f} s, threads {results[-1][5]['threads']}, load {os.getloadavg()[0]:.1f}",
-              flush=True)
+    base = TransformersBackend(llm.model_copy(update={"threads": args.threads, "max_attempts": 1}))
+    base.check_ready()
+    base._matcher(described[0][2])  # noqa: SLF001 - builds the llguidance tokenizer once, untimed
+    torch.set_num_threads(os.cpu_count() or 1)  # the auto choice is capped by the current setting
+    auto_threads = _set_cpu_threads(None)
+    print(f"# threads: {args.threads} for every row, +threads: {auto_threads} (picked from idle cores now)")
 
+    # Setup, untimed: the p_h and p_s requests are built from the new engine's replies, as the stage would.
+    setup = row_backend(base, "+prefix")
+    first = {r.key: r for r in setup.run([r for _, _, r in described])}
+    unsafe = []
+    for category, concept, request in described:
+        reply = first[request.key]
+        description = reply.value.description if reply.ok else "no description"
+        unsafe.append(LLMRequest(request.key.replace("describe", "unsafe"), unsafe_t.render(
+            category=category, concept=concept, description=description, idx=1, n=n), ImagePrompt))
+    second = {r.key: r for r in setup.run(unsafe)}
+    safe = []
+    for (category, concept, _), request in zip(described, unsafe):
+        reply = second[request.key]
+        p_h = reply.value.prompt if reply.ok else (reply.raw or "a street at night")
+        safe.append(LLMRequest(request.key.replace("unsafe", "safe"), safe_t.render(
+            category=category, concept=concept, prompt=p_h, avoid=concept), ImagePrompt))
+    phases = [[r for _, _, r in described], unsafe, safe]
+
+    # Rows take turns within each phase (the order rotates), so a load swing on this shared machine
+    # hits every row alike; a row's ratio is its median per-phase ratio to generate.
+    backends = {row: row_backend(base, row) for row in args.rows}
+    seconds: dict[str, list[float]] = {row: [] for row in args.rows}
+    outcomes: dict[str, list[Any]] = {row: [] for row in args.rows}
+    for p, requests in enumerate(phases):
+        order = args.rows[p % len(args.rows):] + args.rows[:p % len(args.rows)]
+        for row in order:
+            torch.set_num_threads(auto_threads if row == "+threads" else args.threads)
+            start = time.perf_counter()
+            outcomes[row] += list(backends[row].run(requests))
+            seconds[row].append(time.perf_counter() - start)
+            print(f"  phase {p + 1} {row}: {seconds[row][-1]:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    tok = base.tokenizer
+    results = []
+    for row in args.rows:
+        flat = outcomes[row]
+        generated = sum(len(tok(r.raw, add_special_tokens=False)["input_ids"]) + 1 for r in flat if r.raw)
+        ratios = sorted(g / t for g, t in zip(seconds[args.rows[0]], seconds[row]))
+        results.append((row, sum(seconds[row]), len(flat), generated, sum(r.ok for r in flat),
+                        backends[row].usage(), ratios[len(ratios) // 2],
+                        auto_threads if row == "+threads" else args.threads))
+    prompt_tokens = sum(len(tok(tok.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)["input_ids"]) for phase in phases for q in phase)
     print(f"\nprompt tokens per pass: {prompt_tokens} over {sum(len(p) for p in phases)} requests")
-    print("| row | seconds | requests/s | generated tokens/s | speed-up vs generate | stage-2-equivalent s | valid "
-          "| threads | prefix tokens computed / reused |")
+    print("| row | seconds | requests/s | generated tokens/s | speed-up vs generate (median of phases) "
+          "| stage-2-equivalent s | valid | threads | prefix tokens computed / reused |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = results[0][1] / results[0][2]
-    for row, seconds, requests, generated, valid, usage in results:
-        per_request = seconds / requests
-        print(f"| {row} | {seconds:.1f} | {requests / seconds:.2f} | {generated / seconds:.1f} | "
-              f"{base / per_request:.2f}x | {per_request * DEMO_STAGE2_REQUESTS:.0f} | {valid}/{requests} | "
-              f"{usage['threads']} | {usage['prefix_tokens_computed']} / {usage['prefix_tokens_reused']} |")
+    for row, total, requests, generated, valid, usage, ratio, threads in results:
+        per_request = total / requests
+        print(f"| {row} | {total:.1f} | {requests / total:.2f} | {generated / total:.1f} | {ratio:.2f}x | "
+              f"{per_request * DEMO_STAGE2_REQUESTS:.0f} | {valid}/{requests} | {threads} | "
+              f"{usage['prefix_tokens_computed']} / {usage['prefix_tokens_reused']} |")
     print(f"\nstage-2-equivalent s = seconds per request x {DEMO_STAGE2_REQUESTS} (the demo's engine requests; "
           f"its stage 2 took {DEMO_STAGE2_SECONDS} s on the old path, idle machine)")
 

@@ -20,6 +20,7 @@ from sage_builder.config_base import (ConfigPath, ModelRef, OptionalModelRef, St
                                       hashable_dump, model_identity, project_file, unknown_key_hint)
 from sage_builder.errors import ConfigError
 from sage_builder.executors.config import RayConfig
+from sage_builder.stages.eval.config import EvalConfig
 from sage_builder.stages.label.config import LabelConfig
 from sage_builder.stages.profiles.config import ProfilesConfig
 from sage_builder.stages.prompts.config import PromptsConfig
@@ -62,7 +63,7 @@ class LLMConfig(StrictModel):
         "cached", description="transformers backend: cached = own decoding loop, shared-prompt-prefix KV reuse "
         "and a pre-allocated KV cache; generate = transformers' generate() (the earlier path, for comparison)")
     threads: int | None = execution(None, ge=1, description="transformers backend on CPU: torch threads (null: "
-                                    "the cores not busy when the model loads, by the 1-minute load average)")
+                                    "the cores idle when the model loads, from /proc/stat)")
     tensor_parallel_size: int = execution(1, ge=1, description="vllm backend: GPUs per engine")
     gpu_memory_utilization: float = execution(0.9, gt=0.0, le=1.0, description="vllm backend: share of GPU "
                                               "memory the engine may take")
@@ -92,6 +93,7 @@ class PipelineConfig(StrictModel):
                                    "repo")
     train: TrainConfig = Field(default_factory=TrainConfig, description="stage 6: the user-conditioned "
                                "adapter (Diffusion-DPO)")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     source: Path | None = execution(None, description="the YAML file this was loaded from (set by the loader)")
 
     @field_validator("categories")

@@ -6,9 +6,10 @@ the last lines differ. ``generate`` prefills every row's whole prompt and grows 
 ``torch.cat`` per layer and step; here:
 
 - **Shared prefix.** P = the chunk's longest common token prefix, cut down to whole blocks of
-  ``PREFIX_BLOCK`` tokens and leaving every row at least one token of its own. The K/V of each block
-  come from :class:`PrefixStore` (per model, least recently used blocks dropped), so a template's
-  prefix is computed once and copied into every row of every later chunk.
+  ``PREFIX_BLOCK`` tokens (so that the chunks of one template agree on it) and leaving every row at
+  least one token of its own. Its K/V come from :class:`PrefixStore` (per model, least recently used
+  prefixes dropped): a template's prefix is computed once, for one row, and copied into every row of
+  every later chunk.
 - **Pre-allocated cache.** :class:`SlotCache` holds [rows, heads, slots, dim] tensors sized for the
   prompt and the longest reply; a step writes one slot, nothing is concatenated.
 - **Layout.** Slots ``[0, P)`` hold the prefix; the S = max L_r slots after it hold each row's own
@@ -20,18 +21,20 @@ the last lines differ. ``generate`` prefills every row's whole prompt and grows 
   order, which is token order within a row. So each row attends exactly the keys it has alone at
   the positions it has alone; only float reduction order can differ (longer, zero-weighted key axes,
   other matrix shapes), as it already did with left padding.
+- **Forced tokens.** The first tokens that the grammar alone decides (the only one a row's mask
+  allows, such as ``{"`` and the first key) are appended to the row's prompt and prefilled with it
+  instead of costing a decoding step each; the choice is the same as decoding would make.
 - **Finished rows leave.** Once a quarter of the batch has finished, those rows are dropped from
   the cache and the batch, so later steps compute only rows still writing.
-- **Reproducible.** A chunk's tokens are a function of the chunk alone: a block's K/V are always
-  computed the same way (one forward of its ``PREFIX_BLOCK`` tokens over the blocks before it, in a
-  cache of exactly that length), whether the store held it already or not. A resumed run therefore
-  gets the same bytes as an uninterrupted one.
+- **Reproducible.** A chunk's tokens are a function of the chunk alone: a prefix's K/V are always
+  computed the same way (one forward of exactly its tokens), whether the store held it already or
+  not, so a resumed run gets the same bytes as an uninterrupted one.
 
 :class:`GuidedSampler` chooses each row's next token: llguidance's mask for rows still running
 (finished rows are skipped), then argmax (temperature 0) or top-p sampling done for all rows at
 once: the kept set comes from a top-k of the probabilities (64, else 1024, a full sort only when
-even that mass is below ``top_p``) and the draw is an inverse-CDF lookup of the row's own uniform, drawn in advance
-from the row's ``torch.Generator``: a row's draws depend on its seed only.
+even that mass is below ``top_p``) and the draw is an inverse-CDF lookup of the row's own uniform,
+drawn in advance from the row's ``torch.Generator``: a row's draws depend on its seed only.
 """
 
 from __future__ import annotations
@@ -149,53 +152,47 @@ def supports_cached_decoding(model: Any) -> bool:
 
 
 class PrefixStore:
-    """K/V of prompt-prefix blocks, keyed by all tokens up to the block's end (one store per model)."""
+    """K/V of shared prompt prefixes, keyed by their tokens (one store per model, least recently used dropped)."""
 
     def __init__(self, block: int = PREFIX_BLOCK, max_tokens: int = PREFIX_STORE_TOKENS):
-        self.block = block
-        self.max_blocks = max(1, max_tokens // block)
-        self._blocks: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self.block = block  # prefixes are cut to whole blocks: chunks of one template then share one entry
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self._held = 0
         self.computed_tokens = 0
         self.reused_tokens = 0
 
     def kv(self, forward: _Forward, tokens: Sequence[int], device: Any) -> list[tuple[Any, Any]]:
-        """Per layer a [1, heads, len(tokens), dim] K/V pair; ``len(tokens)`` is a multiple of the block."""
+        """Per layer a [1, heads, len(tokens), dim] K/V pair."""
+        key = tuple(tokens)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.reused_tokens += len(key)
+            return entry
+        entry = self._compute(forward, key, device)
+        self._entries[key] = entry
+        self._held += len(key)
+        self.computed_tokens += len(key)
+        while self._held > self.max_tokens and len(self._entries) > 1:
+            dropped, _ = self._entries.popitem(last=False)
+            self._held -= len(dropped)
+        return entry
+
+    @staticmethod
+    def _compute(forward: _Forward, tokens: tuple[int, ...], device: Any) -> list[tuple[Any, Any]]:
         import torch
 
-        blocks: list[list[tuple[Any, Any]]] = []
-        for end in range(self.block, len(tokens) + 1, self.block):
-            key = tuple(tokens[:end])
-            cached = self._blocks.get(key)
-            if cached is None:
-                cached = self._compute(forward, tokens[end - self.block:end], blocks, end, device)
-                self._blocks[key] = cached
-                self.computed_tokens += self.block
-                while len(self._blocks) > self.max_blocks:
-                    self._blocks.popitem(last=False)
-            else:
-                self._blocks.move_to_end(key)
-                self.reused_tokens += self.block
-            blocks.append(cached)
-        return [(torch.cat([b[layer][0] for b in blocks], dim=2), torch.cat([b[layer][1] for b in blocks], dim=2))
-                for layer in range(forward.n_layers)]
-
-    def _compute(self, forward: _Forward, block_tokens: Sequence[int], before: list[list[tuple[Any, Any]]],
-                 end: int, device: Any) -> list[tuple[Any, Any]]:
-        import torch
-
-        # Always the same computation for the same tokens: a cache of exactly `end` slots, the blocks
-        # before this one copied in, this block's tokens at their own positions.
-        cache = forward.new_cache(end)
-        start = end - self.block
-        if before:
-            past = [(torch.cat([b[layer][0] for b in before], dim=2), torch.cat([b[layer][1] for b in before], dim=2))
-                    for layer in range(forward.n_layers)]
-            cache.fill_prefix(past, rows=1)
-        ids = torch.tensor([list(block_tokens)], device=device)
-        positions = torch.arange(start, end, device=device).unsqueeze(0)
-        mask = torch.ones(end, end, dtype=torch.bool, device=device).tril()[start:end].view(1, 1, self.block, end)
-        forward(cache, start, ids, positions, mask)
-        return [(layer.keys[:, :, start:end].clone(), layer.values[:, :, start:end].clone()) for layer in cache.layers]
+        # Always the same computation for the same tokens (one forward, a cache of exactly their
+        # length), whatever the store held before: a chunk's replies never depend on earlier chunks.
+        length = len(tokens)
+        cache = forward.new_cache(length)
+        ids = torch.tensor([list(tokens)], device=device)
+        positions = torch.arange(length, device=device).unsqueeze(0)
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril().view(1, 1, length, length)
+        with torch.inference_mode():
+            forward(cache, 0, ids, positions, mask)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]], block: int) -> int:
@@ -263,6 +260,9 @@ def decode_batch(forward: _Forward, store: PrefixStore | None, prompts: Sequence
     """Generate for every row until it finishes or reaches its limit; see the module docstring."""
     import torch
 
+    # Tokens the grammar alone decides (the only one its mask allows, e.g. '{"' and the first key)
+    # need no logits: they join the prompt's prefill instead of costing a decoding step each.
+    prompts = [list(p) + sampler.forced_start(r) for r, p in enumerate(prompts)]
     state = prefill(forward, store, prompts, max(sampler.limits), device)
     cache, logits, valid, next_position, slot = (state.cache, state.logits, state.valid, state.next_position,
                                                  state.slot)
@@ -313,6 +313,22 @@ class GuidedSampler:
                 torch.nn.functional.pad(torch.rand(limit, generator=torch.Generator().manual_seed(seed)),
                                         (0, width - limit)) for seed, limit in zip(seeds, limits)]).to(device)
         self._bitmask = None
+
+    def forced_start(self, row: int) -> list[int]:
+        """Consume and return the row's first tokens while its mask allows exactly one token."""
+        import llguidance.torch as lltorch
+
+        forced: list[int] = []
+        mask = lltorch.allocate_token_bitmask(1, self.vocab)
+        while not self.done[row] and len(self.tokens[row]) < self.limits[row] - 1:
+            lltorch.fill_next_token_bitmask(self.matchers[row], mask, 0)
+            allowed = unpack_bitmask(mask, self.vocab)[0].nonzero()
+            if allowed.numel() != 1 or int(allowed[0]) == self.eos_token_id:
+                break
+            token = int(allowed[0])
+            forced.append(token)
+            self._feed(row, token)
+        return forced
 
     def all_done(self) -> bool:
         return all(self.done)
