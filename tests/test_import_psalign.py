@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from sage_builder.cli import app
 from sage_builder.stages import get_stage
 from sage_builder.stages.base import run_stage
+from sage_builder.stages.label.dataset import hub_split
 from sage_builder.stages.label.export import export_dataset
 from sage_builder.stages.label.import_psalign import import_psalign, pair_key_ids
 from sage_builder.stages.label.validate import validate_dataset
@@ -27,7 +28,7 @@ SPLITS = ("train", "val", "test_seen", "test_unseen")
 
 
 def rows(root: Path, config: str, split: str) -> list[dict]:
-    return [r for f in sorted((root / "data" / config).glob(f"{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return [r for f in sorted((root / "data" / config).glob(f"{hub_split(split)}-*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 def write_users_csv(users: list[dict], path: Path) -> None:

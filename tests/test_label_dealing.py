@@ -13,6 +13,7 @@ from sage_builder.errors import StageInputError
 from sage_builder.stages import get_stage
 from sage_builder.stages.base import run_stage
 from sage_builder.stages.label.assign import Deck, Pile, user_rng
+from sage_builder.stages.label.dataset import hub_split
 from sage_builder.testing.fake_run import make_fake_run
 
 
@@ -79,7 +80,7 @@ def test_stage_records_never_repeat_a_concept(tmp_path):
     dataset = run.stage("label").file("dataset")
     for split in ("train", "val", "test_seen", "test_unseen"):
         cells: dict[tuple[str, str], list[str]] = {}
-        for path in sorted((dataset / "data/preferences").glob(f"{split}-*.parquet")):
+        for path in sorted((dataset / "data/preferences").glob(f"{hub_split(split)}-*.parquet")):
             table = pq.read_table(path, columns=["user_id", "category", "concept_id", "pair_id", "caption_variant"])
             for rec in table.to_pylist():
                 if rec["caption_variant"] == "u":

@@ -27,7 +27,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def rows(root: Path, config: str, split: str) -> list[dict]:
-    return [r for f in sorted((root / "data" / config).glob(f"{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    on_disk = {"val": "validation"}.get(split, split)  # the Hub name of the held-out split
+    return [r for f in sorted((root / "data" / config).glob(f"{on_disk}-*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 def test_psalign_layout(dataset, tmp_path):
@@ -74,7 +75,7 @@ def test_pickapic_columns(dataset, tmp_path):
                                       "--split", "train", "--split", "val"])
     assert result.exit_code == 0, result.output
     loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
-    assert set(loaded) == {"train", "val"}
+    assert set(loaded) == {"train", "validation"}
     pairs = {p["pair_id"]: p for p in rows(dataset, "pairs", "train")}
     records = rows(dataset, "preferences", "train")
     train = loaded["train"]
@@ -99,9 +100,78 @@ def test_psalign_rerun_replaces_an_earlier_export(dataset, tmp_path):
     assert runner.invoke(app, ["export", str(dataset), "--out", str(out), "--split", "val"]).exit_code == 0
     stale = out / "val" / "user_9999999_hate_x_00001_s.jpg"
     stale.write_bytes(b"old")
-    assert runner.invoke(app, ["export", str(dataset), "--out", str(out), "--split", "val"]).exit_code == 0
+    result = runner.invoke(app, ["export", str(dataset), "--out", str(out), "--split", "val"])
+    assert result.exit_code == 2 and "not empty" in result.output and "--overwrite" in result.output
+    assert stale.exists()
+    assert runner.invoke(app, ["export", str(dataset), "--out", str(out), "--split", "val", "--overwrite"]).exit_code == 0
     assert not stale.exists() and (out / "val" / "metadata.jsonl").exists()
     (tmp_path / "other" / "val").mkdir(parents=True)
     (tmp_path / "other" / "val" / "notes.txt").write_text("mine")
-    result = runner.invoke(app, ["export", str(dataset), "--out", str(tmp_path / "other"), "--split", "val"])
-    assert result.exit_code == 2 and "not empty" in result.output
+    result = runner.invoke(app, ["export", str(dataset), "--out", str(tmp_path / "other"), "--split", "val",
+                                 "--overwrite"])
+    assert result.exit_code == 2 and "not empty" in result.output  # psalign never deletes what it did not write
+
+
+
+def test_export_refuses_to_write_into_a_dataset_without_overwrite(dataset, tmp_path):
+    import shutil
+
+    from sage_builder.stages.label.validate import validate_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(dataset.parent, run / "label")  # another run's label stage: dataset + manifest
+    target = run / "label" / "dataset"
+    card = (target / "README.md").read_bytes()
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(dataset), "-f", "pickapic", "--out", str(target)])
+    assert result.exit_code == 2 and "holds a dataset" in result.output and "--overwrite" in result.output
+    assert (target / "README.md").read_bytes() == card and validate_dataset(target, check_images=False).ok
+    for out in (dataset, dataset / "data", dataset.parent):
+        result = runner.invoke(app, ["export", str(dataset), "-f", "pickapic", "--out", str(out), "--overwrite"])
+        assert result.exit_code == 2 and "the dataset being exported" in result.output, out
+    result = runner.invoke(app, ["export", str(dataset), "-f", "pickapic", "--out", str(target), "--overwrite",
+                                 "--split", "validation"])
+    assert result.exit_code == 0, result.output
+    # The overwritten card is what `sage validate` now reports, against the label manifest.
+    report = validate_dataset(target, check_images=False)
+    assert not report.ok
+    assert any(line.startswith("manifest: README.md: differs") and "overwritten" in line for line in report.lines())
+
+
+def test_validate_checks_the_card_against_the_shards(dataset, tmp_path):
+    import shutil
+
+    import yaml
+
+    from sage_builder.stages.label.card import split_card
+    from sage_builder.stages.label.validate import validate_dataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)  # no manifest beside it: only the card is checked
+    assert validate_dataset(copy, check_images=False).ok
+    meta, body = split_card((copy / "README.md").read_text())
+    meta["sage_builder"]["records"]["train"] += 1
+    meta["dataset_info"][0]["splits"][0]["num_examples"] += 5
+    (copy / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body)
+    lines = validate_dataset(copy, check_images=False).lines()
+    assert any("card: README.md: dataset_info says preferences/train has" in line for line in lines), lines
+    assert any("card: README.md: sage_builder.records says train has" in line for line in lines), lines
+
+
+def test_the_card_and_layout_are_ready_for_the_hub(dataset):
+    from sage_builder.public import local_paths_in
+    from sage_builder.stages.label.card import split_card
+
+    text = (dataset / "README.md").read_text()
+    assert local_paths_in(text) == []
+    meta, body = split_card(text)
+    assert meta["extra_gated_prompt"] and "checkbox" in meta["extra_gated_fields"].values()
+    splits = {f["split"] for c in meta["configs"] if c["config_name"] == "preferences" for f in c["data_files"]}
+    assert splits == {"train", "validation", "test_seen", "test_unseen"}
+    assert list((dataset / "data" / "preferences").glob("validation-*.parquet"))
+    assert not list((dataset / "data" / "preferences").glob("val-*.parquet"))
+    for needle in ("## Banned categories", "## Loading and joining", "join on pair_id", "join on user_id",
+                   "## Citation", "arXiv:2508.01151"):
+        assert needle in body, needle
+    manifest = (dataset.parent / "manifest.json").read_text()
+    assert local_paths_in(manifest) == [], local_paths_in(manifest)

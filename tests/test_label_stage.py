@@ -12,6 +12,7 @@ import pytest
 from sage_builder.stages import get_stage
 from sage_builder.stages.base import run_stage
 from sage_builder.stages.label.card import split_card
+from sage_builder.stages.label.dataset import hub_split
 from sage_builder.testing.fake_run import make_fake_run
 
 CATS = 7
@@ -20,7 +21,7 @@ N = 4  # pairs_per_concept in the fake run: idx 4 is the test index
 
 
 def read_split(dataset: Path, config: str, split: str):
-    files = sorted((dataset / "data" / config).glob(f"{split}-*.parquet"))
+    files = sorted((dataset / "data" / config).glob(f"{hub_split(split)}-*.parquet"))
     assert files, f"no {config}/{split} shards"
     return [row for f in files for row in pq.read_table(f).to_pylist()]
 
@@ -105,7 +106,7 @@ def test_load_dataset_reads_all_three_configs(labelled, tmp_path):
     datasets = pytest.importorskip("datasets")
     _, _, manifest, dataset = labelled
     prefs = datasets.load_dataset(str(dataset), cache_dir=str(tmp_path / "cache"))
-    assert set(prefs) == {"train", "val", "test_seen", "test_unseen"}
+    assert set(prefs) == {"train", "validation", "test_seen", "test_unseen"}  # the Hub name of val
     assert prefs["train"].num_rows == manifest.stats["records"]["train"]
     pairs = datasets.load_dataset(str(dataset), "pairs", cache_dir=str(tmp_path / "cache"))["train"]
     first = pairs[0]

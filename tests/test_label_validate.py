@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from sage_builder.cli import app
 from sage_builder.stages import get_stage
 from sage_builder.stages.base import run_stage
+from sage_builder.stages.label.dataset import hub_split
 from sage_builder.stages.label.validate import validate_dataset
 from sage_builder.testing.fake_run import make_fake_run
 
@@ -25,7 +26,7 @@ def clean(tmp_path_factory) -> Path:
 
 
 def shard(root: Path, config: str, split: str) -> Path:
-    return sorted((root / "data" / config).glob(f"{split}-*.parquet"))[0]
+    return sorted((root / "data" / config).glob(f"{hub_split(split)}-*.parquet"))[0]
 
 
 def rewrite(path: Path, edit) -> None:

@@ -52,3 +52,39 @@ def test_label_dataset_dry_run_then_push_then_rerun_is_a_no_op(hub: HubServer, t
     again = run_stage(get_stage("publish"), config, run, force=True)
     assert again.stats["add"] == again.stats["update"] == again.stats["delete"] == 0
     assert len(hub.repos[REPO].commits) == commits
+
+
+def test_a_stale_label_dataset_is_refused_and_manifests_are_pushed_without_local_paths(hub: HubServer, tmp_path,
+                                                                                         models_dir) -> None:
+    from sage_builder.errors import StageInputError
+    from sage_builder.public import local_paths_in
+    from sage_builder.store import Manifest
+
+    run, config = make_fake_run(tmp_path / "run", n_users=12)
+    # A render manifest naming a local model folder, as a real run's does.
+    render = run.stage("render")
+    manifest = render.read_manifest()
+    render.write_manifest(Manifest(**{**manifest.model_dump(), "models": {
+        "render": {"model": str(models_dir / "tiny-sdxl"), "revision": None}},
+        "stats": {**manifest.stats, "note": f"read from {render.path}/shards"}}))
+    run_stage(get_stage("label"), config, run)
+    config.publish.repo_id = REPO
+    pushed = run_stage(get_stage("publish"), config, run)
+    assert pushed.stats["differences"] == 0
+    remote = hub.files(REPO)
+    for stage in ("profiles", "prompts", "render", "label"):
+        text = remote[f"manifests/{stage}.json"].content.decode()
+        assert local_paths_in(text) == [] and str(tmp_path) not in text, stage
+    render_public = json.loads(remote["manifests/render.json"].content)
+    assert render_public["models"]["render"]["model"].startswith("tiny-sdxl (local-model:")
+    assert render_public["stats"]["note"] == "read from render/shards"
+    card = remote["README.md"]
+    text = (hub.lfs_objects[card.lfs_sha256] if card.lfs_sha256 else card.content).decode()
+    assert local_paths_in(text) == [] and "tiny-sdxl" not in text or "local-model:" in text
+
+    config.label.pairs_per_category = 1  # the label stage is now stale against its config
+    with pytest.raises(StageInputError, match="is stale .*--allow-stale"):
+        run_stage(get_stage("publish"), config, run, force=True)
+    config.publish.allow_stale = True
+    again = run_stage(get_stage("publish"), config, run, force=True)
+    assert again.stats["differences"] == 0

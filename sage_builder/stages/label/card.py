@@ -13,8 +13,23 @@ from typing import Any
 
 import yaml
 
+from sage_builder.public import public_text
+from sage_builder.stages.label.dataset import hub_split
+
 GENERATED_KEYS = ("license", "configs", "dataset_info", "sage_builder")
 DEFAULT_TAGS = ["not-for-all-audiences", "personalized-safety", "text-to-image", "preference", "dpo"]
+GATED_PROMPT = ("This dataset holds harmful prompts and images by design (hate, harassment, violence, self-harm, "
+                "sexuality, shocking content, propaganda). Access is for research on personalized safety alignment "
+                "of text-to-image models. By requesting access you agree not to use it to generate, share or rank "
+                "harmful content, and not to redistribute it without these terms.")
+GATED_FIELDS = {"Name": "text", "Affiliation": "text", "Intended use": "text",
+                "I will use this dataset only for safety research and will not redistribute its images": "checkbox"}
+CITATION = """@article{lei2025psa,
+  title   = {Personalized Safety Alignment for Text-to-Image Diffusion Models},
+  author  = {Lei and others},
+  journal = {arXiv preprint arXiv:2508.01151},
+  year    = {2025}
+}"""
 BLOCK = re.compile(r"<!-- sage-builder:begin (?P<name>[\w-]+) -->\n.*?<!-- sage-builder:end (?P=name) -->\n?",
                    re.DOTALL)
 
@@ -50,7 +65,9 @@ def front_matter(existing: dict[str, Any], *, license: str, pretty_name: str, co
     meta["configs"] = configs
     meta["dataset_info"] = dataset_info
     meta["sage_builder"] = sage_meta
-    # Gating keys (extra_gated_*) belong to stage 5 (publish) and are kept as they are.
+    # The Hub shows these only on a gated repo (`sage publish --gated auto|manual`); a person's own wording is kept.
+    meta.setdefault("extra_gated_prompt", GATED_PROMPT)
+    meta.setdefault("extra_gated_fields", dict(GATED_FIELDS))
     return meta
 
 
@@ -86,9 +103,10 @@ def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
         "rendered from the same seed.\n"
         "- `users`: one row per simulated user, with attributes, banned/allowed categories, cluster, "
         "strictness level, split role and the user embedding.\n\n"
-        f"Test splits use prompt index {info['test_index']}; train and val use 1-{info['test_index'] - 1}. "
-        "test_seen users are train users; val and test_unseen users never appear in train.\n")
-    rows = [[s, counts[s]["records"], counts[s]["users"], f"{counts[s]['chosen_safe_share']:.3f}",
+        f"Test splits use prompt index {info['test_index']}; train and validation use 1-{info['test_index'] - 1}. "
+        "test_seen users are train users; validation and test_unseen users never appear in train. (The users "
+        "config's `split` column calls the validation role `val`, as the psalign layout does.)\n")
+    rows = [[hub_split(s), counts[s]["records"], counts[s]["users"], f"{counts[s]['chosen_safe_share']:.3f}",
              f"{counts[s]['pair_uses_min']}-{counts[s]['pair_uses_max']} (mean {counts[s]['pair_uses_mean']:.2f})",
              counts[s]["repeated_concepts"]] for s in splits]
     rows.append(["all", sum(counts[s]["records"] for s in splits), info["n_users_with_records"],
@@ -97,18 +115,56 @@ def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
     blocks["counts"] = (
         "## Counts\n\n" + _table(["split", "records", "users", "chosen = safe", "users per pair (min-max)",
                                  "user-category hands repeating a concept"], rows)
-        + "\n\nRecords per category:\n\n" + _table(["category"] + list(splits), cat_rows)
+        + "\n\nRecords per category:\n\n" + _table(["category"] + [hub_split(s) for s in splits], cat_rows)
         + f"\n\n`pairs`: {info['n_pairs']} rendered pairs. `users`: {info['n_users']} users "
         f"(embedding dimension {info['embedding_dim']}).\n")
+    if info.get("ban_rates"):
+        blocks["ban-rates"] = ban_rates_block(info["ban_rates"], categories)
+    blocks["usage"] = usage_block(info["splits"])
     blocks["screening"] = screening_block(info.get("screening"))
     settings = info["settings"]
-    setting_rows = [[k, f"`{v}`"] for k, v in settings.items()]
+    setting_rows = [[k, f"`{public_text(str(v))}`"] for k, v in settings.items()]
     blocks["generation"] = "## Generation settings\n\n" + _table(["setting", "value"], setting_rows) + "\n"
     lineage = [[stage, f"`{m['content_hash']}`", f"`{m['fingerprint']}`"] for stage, m in info["lineage"].items()]
     blocks["lineage"] = (
         "## Lineage\n\nManifest hashes of the stages this dataset was built from (sage-builder run directory):\n\n"
         + _table(["stage", "manifest hash", "fingerprint"], lineage) + "\n")
     return blocks
+
+
+def ban_rates_block(rates: dict[str, Any], categories: list[str]) -> str:
+    """Share of users banning each category, beside the published rates (SPEC 1.2) when known."""
+    published = rates.get("published") or {}
+    rows = [[c, f"{rates['rate'].get(c, 0.0):.0%} ({rates['count'].get(c, 0)})",
+             f"{published[c]:.0%}" if published.get(c) is not None else "n/a"] for c in categories]
+    return ("## Banned categories\n\n"
+            f"Share of the {rates['users']} users with records who ban each category (published: the PSA "
+            "authors' 1,000 users):\n\n" + _table(["category", "banned by", "published"], rows)
+            + f"\n\nMean banned per user {rates['mean']:.2f}; {rates['nothing']} user(s) ban nothing.\n")
+
+
+def usage_block(splits: list[str]) -> str:
+    """How to load the three configs and join them, and the citation."""
+    names = ", ".join(f"`{hub_split(s)}`" for s in splits)
+    return ("## Loading and joining\n\n"
+            f"Splits of `preferences`: {names}. `pairs` and `users` have one split, `train`.\n\n"
+            "```python\n"
+            "from datasets import load_dataset\n\n"
+            "repo = \"ORG/NAME\"  # or a local copy of this folder\n"
+            "records = load_dataset(repo, \"preferences\", split=\"train\")\n"
+            "pairs = load_dataset(repo, \"pairs\", split=\"train\")  # both images of each pair\n"
+            "users = load_dataset(repo, \"users\", split=\"train\")  # attributes, bans, embedding\n\n"
+            "pair_row = {pid: i for i, pid in enumerate(pairs[\"pair_id\"])}\n"
+            "user_row = {uid: i for i, uid in enumerate(users[\"user_id\"])}\n"
+            "record = records[0]\n"
+            "pair = pairs[pair_row[record[\"pair_id\"]]]    # join on pair_id\n"
+            "user = users[user_row[record[\"user_id\"]]]    # join on user_id\n"
+            "chosen = pair[\"image_safe\" if record[\"chosen_variant\"] == \"s\" else \"image_unsafe\"]\n"
+            "rejected = pair[\"image_safe\" if record[\"rejected_variant\"] == \"s\" else \"image_unsafe\"]\n"
+            "```\n\n"
+            "`sage export --format pickapic` writes the records with both images inline (diffusers' Diffusion-DPO "
+            "example), `--format psalign` the PSA authors' layout.\n\n"
+            "## Citation\n\n```bibtex\n" + CITATION + "\n```\n")
 
 
 def screening_block(screen: dict[str, Any] | None) -> str:

@@ -34,11 +34,13 @@ def export(
     fmt: Annotated[str, typer.Option("--format", "-f", help="psalign (the PSA authors' layout) or pickapic "
                                                             "(diffusers' Diffusion-DPO example)")] = "psalign",
     split: Annotated[Optional[list[str]], typer.Option(help="splits to export (default: all four)")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="write into an existing dataset or a non-empty --out folder")] = False,
 ) -> None:
-    """Write the dataset in another trainer's layout."""
+    """Write the dataset in another trainer's layout (never into a non-empty folder without --overwrite)."""
     from sage_builder.stages.label.export import export_dataset
 
-    counts = export_dataset(directory, out, fmt, split)
+    counts = export_dataset(directory, out, fmt, split, overwrite=overwrite)
     typer.echo(f"{fmt} -> {out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 

@@ -63,13 +63,22 @@ def with_features(schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(schema), metadata=meta)
 
 
+# Split names on disk and on the Hub: the held-out split is `validation` there (the HF convention,
+# which diffusers' DPO example defaults to); inside the pipeline, and in the psalign export, it is `val`.
+HUB_SPLIT_NAMES = {"val": "validation"}
+
+
+def hub_split(split: str) -> str:
+    return HUB_SPLIT_NAMES.get(split, split)
+
+
 def shard_files(root: Path, config: str, split: str) -> list[Path]:
     """The shards of one split of one config in a dataset directory, in order."""
-    return sorted((root / "data" / config).glob(f"{split}-*.parquet"))
+    return sorted((root / "data" / config).glob(f"{hub_split(split)}-*.parquet"))
 
 
 def shard_name(config: str, split: str, index: int, count: int) -> str:
-    return f"data/{config}/{split}-{index:05d}-of-{count:05d}.parquet"
+    return f"data/{config}/{hub_split(split)}-{index:05d}-of-{count:05d}.parquet"
 
 
 class SplitWriter:

@@ -2,7 +2,7 @@
 
 - ``psalign``: the PSA authors' layout (SPEC §4): ``<split>/metadata.jsonl`` + JPEG files named
   ``user_{uid}_{category}_{concept}_{idx:05d}_{s|u}.jpg`` next to it, and ``{User_ID}.npy``
-  float32 embeddings in ``embeddings/``. Every user holds their own copy of a pair's images (as the
+  float32 embeddings in ``embeddings/``. The held-out split keeps the authors' name, ``val/``. Every user holds their own copy of a pair's images (as the
   authors' trainer expects); copies are hard links to one file where the filesystem allows.
 - ``pickapic``: Pick-a-Pic columns as diffusers' Diffusion-DPO example reads them: ``jpg_0``,
   ``jpg_1`` (encoded bytes), ``label_0`` (1.0 when ``jpg_0`` is preferred), ``caption``, plus
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from sage_builder.errors import SageError
 from sage_builder.progress import progress
 from sage_builder.stages.label.assign import RECORD_SPLITS
-from sage_builder.stages.label.dataset import SplitWriter, shard_files
+from sage_builder.stages.label.dataset import SplitWriter, hub_split, shard_files
 
 FORMATS = ("psalign", "pickapic")
 
@@ -189,7 +189,7 @@ def export_pickapic(root: Path, out: Path, splits: list[str], shard_rows: int = 
         bar.close()
         writer.close()
         counts[split] = writer.rows
-        configs.append({"split": split, "path": f"data/pickapic/{split}-*.parquet"})
+        configs.append({"split": hub_split(split), "path": f"data/pickapic/{hub_split(split)}-*.parquet"})
     card = {"configs": [{"config_name": "default", "data_files": configs}]}
     import yaml
 
@@ -200,16 +200,36 @@ def export_pickapic(root: Path, out: Path, splits: list[str], shard_rows: int = 
     return counts
 
 
-def export_dataset(root: Path | str, out: Path | str, fmt: str, splits: list[str] | None = None) -> dict[str, int]:
+def check_out_folder(root: Path, out: Path, overwrite: bool) -> None:
+    """Never into the source dataset; into an existing dataset or a non-empty folder only with --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise SageError(f"--out {out}: is a file; name a folder")
+    source = root.resolve()
+    target = out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise SageError(f"--out {out}: is, holds or lies inside the dataset being exported ({root}); choose "
+                        f"another folder")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    if (out / "README.md").exists() or (out / "data").is_dir():
+        raise SageError(f"--out {out}: holds a dataset (README.md or data/); pass --overwrite to replace what "
+                        f"the export writes there, or choose another --out")
+    raise SageError(f"--out {out}: not empty; pass --overwrite to write into it anyway, or choose another --out")
+
+
+def export_dataset(root: Path | str, out: Path | str, fmt: str, splits: list[str] | None = None,
+                   overwrite: bool = False) -> dict[str, int]:
     root, out = Path(root), Path(out)
     if fmt not in FORMATS:
         raise SageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if not root.is_dir():
         raise SageError(f"{root}: no such dataset directory (stage 4 writes RUN/label/dataset)")
-    splits = list(splits or RECORD_SPLITS)
+    # `validation` is the Hub name of the held-out split; `val` is the pipeline's and psalign's.
+    splits = [{"validation": "val"}.get(s, s) for s in (splits or RECORD_SPLITS)]
     for split in splits:
         if split not in RECORD_SPLITS:
-            raise SageError(f"--split {split}: choose among {', '.join(RECORD_SPLITS)}")
+            raise SageError(f"--split {split}: choose among {', '.join(hub_split(s) for s in RECORD_SPLITS)}")
+    check_out_folder(root, out, overwrite)
     if fmt == "psalign":
         return export_psalign(root, out, splits)
     return export_pickapic(root, out, splits)

@@ -28,7 +28,14 @@ from sage_builder.stages.label.dataset import PAIR_SCHEMA, PREFERENCE_SCHEMA, SI
 from sage_builder.stages.label.inputs import check_inputs, open_profiles, rendered_pairs, users_per_split
 from sage_builder.stages.label.pairs import write_pairs
 from sage_builder.stages.label.records import label_users
-from sage_builder.stages.label.summary import generation_settings, hub_configs, lineage, split_counts, split_size
+from sage_builder.stages.label.summary import (
+    ban_rates,
+    generation_settings,
+    hub_configs,
+    lineage,
+    split_counts,
+    split_size,
+)
 from sage_builder.store import RunDir, atomic_write_text
 
 log = logging.getLogger("sage.label")
@@ -100,7 +107,7 @@ class LabelStage(Stage):
                           for s in info["splits"]},
             "pair_uses_mean": {s: round(info["counts"][s]["pair_uses_mean"], 4) for s in info["splits"]},
             "repeated_concepts": {s: info["counts"][s]["repeated_concepts"] for s in info["splits"]},
-            "pairs": info["n_pairs"], "dataset": str(out),
+            "pairs": info["n_pairs"], "dataset": "label/dataset",  # relative to the run: manifests are published
         })
 
     def _write(self, ctx: StageContext, root: Path) -> dict[str, Any]:
@@ -145,6 +152,7 @@ class LabelStage(Stage):
             "n_users_with_records": sum(users[s] for s in ("train", "val", "test_unseen")),
             "n_pairs": pairs.num_rows, "n_users": users_writer.rows, "embedding_dim": embedding_dim,
             "settings": generation_settings(config, run, render_settings), "lineage": lineage(run, self.inputs),
+            "ban_rates": ban_rates(profiles_path, categories, run),
             "screening": run.stage("render").read_manifest().stats.get("screen"),
             "configs": configs_yaml, "dataset_info": info_yaml,
             "sage_meta": {"categories": categories, "embedding_dim": embedding_dim, "pairs_per_category": k,

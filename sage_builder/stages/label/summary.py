@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from sage_builder.stages.label.assign import RECORD_SPLITS, Deck
-from sage_builder.stages.label.dataset import SplitWriter
+from sage_builder.stages.label.dataset import SplitWriter, hub_split
 from sage_builder.stages.label.records import Tally
 from sage_builder.store import RunDir
 
@@ -47,10 +47,11 @@ def hub_configs(split_sizes: dict[str, dict[str, dict[str, int]]],
         entry: dict[str, Any] = {"config_name": name}
         if name == "preferences":
             entry["default"] = True
-        entry["data_files"] = [{"split": s, "path": f"data/{name}/{s}-*.parquet"} for s in split_sizes[name]]
+        entry["data_files"] = [{"split": hub_split(s), "path": f"data/{name}/{hub_split(s)}-*.parquet"}
+                               for s in split_sizes[name]]
         configs_yaml.append(entry)
         info_yaml.append({"config_name": name, "features": features[name]._to_yaml_list(),
-                          "splits": [{"name": s, **v} for s, v in split_sizes[name].items()]})
+                          "splits": [{"name": hub_split(s), **v} for s, v in split_sizes[name].items()]})
     return configs_yaml, info_yaml
 
 
@@ -94,3 +95,26 @@ def generation_settings(config: Any, run: RunDir, render_settings: dict[str, Any
     settings["seeds"] = "one seed per pair, derived from the pair; both images of a pair share it"
     settings["pairs per category per user"] = config.label.pairs_per_category
     return settings
+
+
+def ban_rates(profiles_path: Any, categories: list[str], run: RunDir) -> dict[str, Any]:
+    """Per-category share of the users with records who ban it; the published rates from stage 1's
+    report.json when it has them."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(profiles_path, columns=["banned", "split"]).to_pylist()
+    banned = [row["banned"] or [] for row in table if row["split"] in ("train", "val", "test_unseen")]
+    n = len(banned)
+    count = {c: sum(c in b for b in banned) for c in categories}
+    report = run.stage("profiles").file("report.json")
+    published: dict[str, Any] = {}
+    if report.exists():
+        try:
+            published = json.loads(report.read_text()).get("bans", {}).get("published_ban_rate") or {}
+        except ValueError:
+            published = {}
+    return {"users": n, "count": count, "rate": {c: count[c] / n if n else 0.0 for c in categories},
+            "mean": sum(len(b) for b in banned) / n if n else 0.0, "nothing": sum(1 for b in banned if not b),
+            "published": published}

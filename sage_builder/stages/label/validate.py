@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from sage_builder.errors import SageError
 from sage_builder.stages.label.assign import RECORD_SPLITS, choose, uses_test_index
 from sage_builder.stages.label.card import split_card
-from sage_builder.stages.label.dataset import shard_files
+from sage_builder.stages.label.dataset import hub_split, shard_files
 
 CHECKS = {
     "layout": "files the dataset directory must have",
@@ -31,6 +31,8 @@ CHECKS = {
     "duplicate": "the same record twice",
     "category": "category outside the vocabulary",
     "index": "record whose prompt index does not belong to its split",
+    "card": "dataset card (README.md) whose counts disagree with the shards",
+    "manifest": "file that differs from the label manifest (README.md: the card was edited or overwritten)",
 }
 
 
@@ -206,7 +208,7 @@ def _check_records(root: Path, checks: RecordChecks) -> dict[str, set[str]]:
     for split in RECORD_SPLITS:
         files = shard_files(root, "preferences", split)
         if not files:
-            checks.report.add("layout", f"{root / 'data/preferences'}: no {split} shards")
+            checks.report.add("layout", f"{root / 'data/preferences'}: no {hub_split(split)} shards")
         n = 0
         for path in files:
             rel = path.relative_to(root)
@@ -242,4 +244,72 @@ def validate_dataset(root: Path | str, check_images: bool = True) -> Report:
     _check_leaks(report, users, users_in)
     report.counts["pairs"] = len(pairs or ())
     report.counts["users"] = len(users)
+    _check_card(root, report)
+    _check_manifest(root, report)
     return report
+
+
+def _check_card(root: Path, report: Report) -> None:
+    """The card's ``dataset_info`` row counts and ``sage_builder.records`` against the shards as counted."""
+    card = root / "README.md"
+    if not card.exists():
+        return
+    meta = split_card(card.read_text())[0] or {}
+    written = {hub_split(s): report.counts.get(s) for s in RECORD_SPLITS}
+    for entry in meta.get("dataset_info") or []:
+        if entry.get("config_name") != "preferences":
+            continue
+        for split in entry.get("splits") or []:
+            name, n = split.get("name"), split.get("num_examples")
+            if name not in written:
+                report.add("card", f"README.md: dataset_info lists a preferences split '{name}' the shards lack")
+            elif n != written[name]:
+                report.add("card", f"README.md: dataset_info says preferences/{name} has {n} records, the shards "
+                                   f"hold {written[name]}")
+    for split, n in ((meta.get("sage_builder") or {}).get("records") or {}).items():
+        actual = report.counts.get(split, report.counts.get({"validation": "val"}.get(split, split)))
+        if actual is not None and n != actual:
+            report.add("card", f"README.md: sage_builder.records says {split} has {n} records, the shards hold "
+                               f"{actual}")
+
+
+def label_manifest_of(root: Path) -> Path | None:
+    """The label manifest describing ``root``: ``RUN/label/manifest.json`` beside ``RUN/label/dataset``, or
+    ``manifests/label.json`` in a published copy."""
+    for path in (root.parent / "manifest.json", root / "manifests" / "label.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _check_manifest(root: Path, report: Report) -> None:
+    """Every ``dataset/`` file of the label manifest is there with its size and sha256, and no other shard."""
+    import json
+
+    from sage_builder.store import file_sha256
+
+    path = label_manifest_of(root)
+    if path is None:
+        return
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        report.add("manifest", f"{path.name}: not readable JSON ({exc})")
+        return
+    if data.get("stage") != "label":
+        return
+    listed = {rel.removeprefix("dataset/"): out for rel, out in (data.get("outputs") or {}).items()
+              if rel.startswith("dataset/")}
+    fix = "rerun `sage stage label --force`, or restore the file"
+    for rel, out in sorted(listed.items()):
+        file = root / rel
+        if not file.is_file():
+            report.add("manifest", f"{rel}: listed in {path.name} but missing; {fix}")
+        elif file.stat().st_size != out.get("bytes") or file_sha256(file) != out.get("sha256"):
+            what = "the card was edited or overwritten since stage 4 wrote it" if rel == "README.md" else \
+                "its bytes differ"
+            report.add("manifest", f"{rel}: differs from {path.name} ({what}); {fix}")
+    for file in sorted((root / "data").rglob("*.parquet")) if (root / "data").is_dir() else []:
+        rel = file.relative_to(root).as_posix()
+        if rel not in listed:
+            report.add("manifest", f"{rel}: not listed in {path.name} (a stray shard `datasets` would load)")

@@ -31,6 +31,8 @@ def publish(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="print the planned operations and bytes to send; commit nothing")] = False,
     revision: Annotated[Optional[str], typer.Option(help="branch to commit to (default: main)")] = None,
+    allow_stale: Annotated[bool, typer.Option(
+        "--allow-stale", help="push a stale label dataset (its config or inputs changed) instead of refusing")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Push RUN/label/dataset to a Hub dataset repo in ONE commit, then verify it against the manifest.
@@ -41,7 +43,7 @@ def publish(
     from sage_builder.config import load_config
     from sage_builder.stages.base import run_stage
     from sage_builder.stages.publish import hub
-    from sage_builder.stages.publish.stage import STAGE, local_files
+    from sage_builder.stages.publish.stage import STAGE, check_label_fresh, local_files
     from sage_builder.store import RunDir
 
     setup_logging(verbose)
@@ -63,8 +65,11 @@ def publish(
         section.gated = gated  # type: ignore[assignment]
     if revision is not None:
         section.revision = revision
+    if allow_stale:
+        section.allow_stale = True
 
     if dry_run:
+        stale = check_label_fresh(config, run, dry_run=True)
         files = local_files(run, section.include_manifests)
         api = None
         reason = ""
@@ -76,6 +81,8 @@ def publish(
         plan = hub.plan_publish(files, section.repo_id, section.revision, api)
         if reason:
             plan.notes.append(f"remote not consulted: {reason}")
+        if stale:
+            plan.notes.append(f"a push would be refused: {stale} (or pass --allow-stale)")
         visibility = "private" if section.private else "PUBLIC"
         typer.echo(f"dry run: {section.repo_id or '(no repo id)'}@{section.revision} ({visibility}"
                    + (f", gated={section.gated}" if section.gated else "") + ")")

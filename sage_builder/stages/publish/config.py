@@ -34,6 +34,8 @@ class PublishConfig(StrictModel):
     license: str = Field("cc-by-nc-4.0", description="the dataset card's license id")
     include_manifests: bool = Field(True, description="also push the stage manifests (lineage) as manifests/*.json")
     commit_message: str = Field("Publish Sage dataset with sage-builder", description="summary of the commit")
+    allow_stale: bool = execution(False, description="push a label dataset that is stale (its config or an "
+                                  "input stage changed since it was built) instead of refusing")
     num_threads: int = execution(5, ge=1, le=64, description="parallel LFS uploads")
     max_rate_limit_wait_s: float = execution(
         60.0, ge=0.0, description="longest wait honoured from a 429's Retry-After before retrying")

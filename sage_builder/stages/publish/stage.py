@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sage_builder.errors import StageInputError
 from sage_builder.stages.base import Stage, StageContext, StagePlan
 from sage_builder.stages.publish import hub
 from sage_builder.store import atomic_write_text
@@ -28,17 +29,55 @@ log = logging.getLogger("sage.publish")
 LINEAGE_STAGES = ("profiles", "prompts", "render", "label")
 
 
+def public_manifests(run: RunDir) -> dict[str, Path]:
+    """Copies of the lineage manifests without local paths (relative to the run, or a model's name and
+    content identity), written to ``RUN/publish/manifests/``: what the Hub gets as ``manifests/*.json``."""
+    from sage_builder.public import public_data
+
+    out: dict[str, Path] = {}
+    for name in LINEAGE_STAGES:
+        path = run.stage(name).manifest_path
+        if not path.exists():
+            continue
+        public = public_data(json.loads(path.read_text()), run.root)
+        copy = run.stage("publish").file(f"manifests/{name}.json")
+        text = json.dumps(public, indent=2, sort_keys=True) + "\n"
+        if not copy.exists() or copy.read_text() != text:
+            atomic_write_text(copy, text)
+        out[f"manifests/{name}.json"] = copy
+    return out
+
+
 def local_files(run: RunDir, include_manifests: bool) -> list[hub.LocalFile]:
     """The dataset files (checked against the label manifest) plus the stage manifests for lineage."""
     label = run.stage("label")
     manifest = run.manifest_of("label", needed_by="publish")
-    extra: dict[str, Path] = {}
-    if include_manifests:
-        for name in LINEAGE_STAGES:
-            path = run.stage(name).manifest_path
-            if path.exists():
-                extra[f"manifests/{name}.json"] = path
+    extra = public_manifests(run) if include_manifests else {}
     return hub.dataset_files(label.path, manifest, extra)
+
+
+def label_staleness(config: PipelineConfig, run: RunDir) -> str | None:
+    """Why the run's label dataset no longer matches its config and inputs (None: it does). Its card's
+    lineage would then disagree with the manifests pushed beside it."""
+    from sage_builder.stages import get_stage
+    from sage_builder.stages.base import stage_status
+
+    status = stage_status(get_stage("label"), config, run)
+    return (status.reason or "stale") if status.state == "stale" else None
+
+
+def check_label_fresh(config: PipelineConfig, run: RunDir, dry_run: bool = False) -> str | None:
+    """Refuse to push a stale label dataset unless ``publish.allow_stale``; a dry run only warns.
+    Returns the warning line, if any."""
+    reason = label_staleness(config, run)
+    if reason is None:
+        return None
+    line = (f"{run.stage('label').path} is stale ({reason}): the card's lineage would disagree with the pushed "
+            f"manifests; rerun `sage stage label --run-dir {run.root}` (with the same --config) first")
+    if dry_run or config.publish.allow_stale:
+        log.warning("publish: %s", line)
+        return line
+    raise StageInputError(f"{line}, or pass --allow-stale to push it as it is")
 
 
 def warn_if_public(private: bool, repo_id: str | None) -> None:
@@ -56,6 +95,7 @@ class PublishStage(Stage):
 
     def check(self, config: PipelineConfig, run: RunDir) -> None:
         run.manifest_of("label", needed_by=self.name)
+        check_label_fresh(config, run, dry_run=config.publish.repo_id is None)
 
     def fingerprint_parts(self, config: PipelineConfig) -> dict[str, Any]:
         return {}
@@ -69,6 +109,9 @@ class PublishStage(Stage):
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.publish
         files = local_files(ctx.run, cfg.include_manifests)
+        for local in files:
+            if local.path_in_repo.startswith("manifests/"):
+                ctx.add_output(local.path_in_repo)
         if cfg.repo_id is None:  # `sage publish --dry-run` plans against the Hub without running the stage
             plan = hub.plan_publish(files, cfg.repo_id, cfg.revision, api=None)  # the demo never touches the network
             self._write_json(ctx, "plan.json", plan.to_json())
