@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from sage_builder.config_base import ModelRef, StrictModel, execution
+from sage_builder.safety.config import ScreenConfig
 
 # Scheduler names a config may use -> (diffusers class, extra config). "default" keeps the model's own.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -54,6 +55,8 @@ class RenderConfig(StrictModel):
     quality: int = Field(95, ge=1, le=100, description="JPEG quality (ignored for lossless encodings)")
     shard_mb: int = Field(256, ge=1, description="target size of one output shard in MB (the Hub suggests "
                           "Parquet files of a few hundred MB)")
+    screen: ScreenConfig = Field(default_factory=ScreenConfig, description="score both images of every pair "
+                                 "after rendering; rerender or drop pairs whose safe image is flagged")
     batch_size: int = execution(4, ge=1, description="images per pipeline call (does not change pixels)")
     device: str = execution("auto", description="auto (CUDA if available), cpu, cuda")
     workers: int | None = execution(None, ge=1, description="executor local: worker processes; default one per "

@@ -124,12 +124,16 @@ class ScoreWorker:
     scores_dir: Path
     device: str = "cpu"
     writer_id: str = "w0"
+    # In this process the driver hands over the scorers it already loaded (and closes them itself).
     scorers: list[Any] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.owns_scorers = not self.scorers
 
     def start(self, slot: Any = None) -> None:
         if slot is not None:
             self.device, self.writer_id = slot.device, f"score-{slot.tag}"
-        if not self.scorers:  # in this process the driver may hand over the scorers it already loaded
+        if not self.scorers:
             self.scorers = make_scorers(self.screen, self.screen.scorers, self.categories, self.device)
 
     def run(self, unit: Sequence[tuple[str, str]], report: Callable[[int], None] | None = None) -> int:
@@ -152,9 +156,10 @@ class ScoreWorker:
         return len(rows)
 
     def close(self) -> None:
-        for scorer in self.scorers:
-            scorer.close()
-        self.scorers = []
+        if self.owns_scorers:
+            for scorer in self.scorers:
+                scorer.close()
+            self.scorers = []
 
 
 RunUnits = Callable[[list[list[tuple[str, str]]], ScoreWorker, Callable[[int], None]], None]
@@ -162,8 +167,22 @@ RunUnits = Callable[[list[list[tuple[str, str]]], ScoreWorker, Callable[[int], N
 
 def run_in_process(units: list[list[tuple[str, str]]], worker: ScoreWorker, report: Callable[[int], None]) -> None:
     worker.start()
-    for unit in units:
-        worker.run(unit, report)
+    try:
+        for unit in units:
+            worker.run(unit, report)
+    finally:
+        worker.close()
+
+
+def on_executor(executor: Any) -> RunUnits:
+    """Score units on the stage's executor (render's workers: one per GPU, or Ray actors)."""
+    def run(units: list[list[tuple[str, str]]], worker: ScoreWorker, report: Callable[[int], None]) -> None:
+        def describe(unit: list[tuple[str, str]]) -> str:
+            return f"a unit of {len({k for k, _ in unit})} image(s) to score (first image key {unit[0][0]})"
+
+        for _ in executor.map_units(units, worker, describe, report):
+            pass
+    return run
 
 
 @dataclass
@@ -178,12 +197,13 @@ class Screening:
     """The attempt loop of one render stage run: score, decide, rerender, until every pair is settled."""
 
     def __init__(self, screen: ScreenConfig, categories: list[str], stage_dir: Any, device: str,
-                 run_units: RunUnits = run_in_process):
+                 run_units: RunUnits = run_in_process, in_process: bool = True):
         self.screen = screen
         self.categories = categories
         self.stage_dir = stage_dir
         self.device = device
         self.run_units = run_units
+        self.in_process = in_process  # scoring runs in this process: reuse the scorers loaded here
         self.images = stage_dir.items("images")
         self.scores = stage_dir.items("scores")
         self.identities: dict[str, str] = {}
@@ -194,13 +214,12 @@ class Screening:
     def describe_scorers(self) -> None:
         """Load the scorers in this process for their identities (weights sha256, thresholds): the
         score keys. Scoring in this process reuses them; other workers load their own."""
-        in_process = self.run_units is run_in_process
         self.loaded = make_scorers(self.screen, self.screen.scorers, self.categories,
-                                   self.device if in_process else "cpu")
+                                   self.device if self.in_process else "cpu")
         for scorer in self.loaded:
             self.identities[scorer.name] = scorer.identity
             self.described[scorer.name] = scorer.describe()
-        if not in_process:
+        if not self.in_process:
             self.close()
 
     def close(self) -> None:
@@ -388,3 +407,31 @@ def check_screen(screen: ScreenConfig, categories: list[str]) -> None:
             from sage_builder.safety.judge import JudgeScorer
 
             JudgeScorer(screen.judge, categories).close()
+
+
+def screen_rendered(ctx: Any, pairs: list[dict[str, Any]], planned: list[PlannedImage], settings: Any,
+                    executor: Any, render_jobs: Callable[[list[Any]], int]) -> list[PlannedImage]:
+    """Stage 3's screening step: screen every pair, write ``screening.parquet`` and ``rejects.parquet``,
+    record the scorers and the outcomes; returns the images of the kept pairs (their final attempts)."""
+    from sage_builder.executors.local import InProcessExecutor
+
+    pairs_path = ctx.input_path("prompts", "pairs.parquet")
+    category: dict[str, str] = {}
+    if "category" in pq.read_schema(pairs_path).names:
+        table = pq.read_table(pairs_path, columns=["pair_id", "category"])
+        category = dict(zip(table.column("pair_id").to_pylist(), table.column("category").to_pylist()))
+    pairs = [{**pair, "category": category.get(pair["pair_id"])} for pair in pairs]
+    screening = Screening(ctx.config.render.screen, list(ctx.config.categories), ctx.stage_dir, executor.device,
+                          on_executor(executor), in_process=isinstance(executor, InProcessExecutor))
+    result = screening.run(pairs, planned, settings, ctx.config.seed, render_jobs)
+    ctx.write_table("screening.parquet", result.attempts)
+    ctx.write_table("rejects.parquet", result.rejects)
+    for name, described in result.stats["scorers"].items():
+        ctx.models[f"screen_{name}"] = described
+    ctx.stats["screen"] = result.stats
+    totals = result.stats["totals"]
+    log.info("screen: %d pairs: %d ok, %d safe_flagged, %d unsafe_clean, %d error at the first render; "
+             "%d rendered again, %d dropped%s", totals["pairs"], totals["ok"], totals["safe_flagged"],
+             totals["unsafe_clean"], totals["error"], totals["rerendered"], totals["dropped"],
+             "".join(f"; {note}" for note in result.stats["not_run"]))
+    return result.planned

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from sage_builder.errors import StageInputError
 from sage_builder.executors import WorkerRequest, make_executor
 from sage_builder.stages.base import Stage, StageContext, StageOptions, StagePlan
+from sage_builder.stages.render.screen import check_screen, screen_rendered
 from sage_builder.stages.render.shards import PlannedImage, assemble_shards
 from sage_builder.store import RunDir
 
@@ -104,6 +105,7 @@ class RenderStage(Stage):
         from sage_builder.stages.render.engine import locate_model
 
         locate_model(config.render)
+        check_screen(config.render.screen, config.categories)
         pairs = run.stage("prompts").file(PAIRS_FILE)
         if run.stage("prompts").read_manifest() is not None and pairs.exists():
             read_pairs(pairs)
@@ -137,6 +139,10 @@ class RenderStage(Stage):
         started = time.monotonic()
         written, units = render_missing(executor, config, settings, revision, jobs, done, cache)
         render_seconds = time.monotonic() - started
+        if config.screen.enabled:
+            # Rerenders go through the same executor; images of dropped pairs stay out of the shards.
+            planned = screen_rendered(ctx, pairs, planned, settings, executor, lambda more: render_missing(
+                executor, config, settings, revision, more, cache.done_keys(), cache)[0])
 
         shard_names, index = assemble_shards(ctx.stage_dir.path, cache, planned, config.shard_mb * 1_000_000)
         for name in shard_names:
