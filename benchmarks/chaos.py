@@ -60,6 +60,7 @@ def chaos_pipeline(work: Path, base_url: str) -> Path:
         f"profiles.embedding_model={MODELS / 'smollm2-135m-instruct'}", "profiles.n_users=12",
         "profiles.n_clusters=3", "profiles.tsne_perplexity=3",
         "prompts.seeds_per_category=2", "prompts.concepts_per_category=2", "prompts.pairs_per_concept=2",
+        "render.steps=1", "train.grid.steps=1", "train.grid.prompts=[a city street at night]",
         "train.max_steps=4", "train.checkpoint_every=1",
         "train.eval_records=4",
     ])
@@ -200,7 +201,10 @@ def needed_stages(stages: list[str]) -> list[str]:
     return [name for name in STAGE_ORDER if name in needed]
 
 
-def run_chaos(work: Path, stages: list[str], kills: int, seed: int) -> list[StageResult]:
+def run_chaos(work: Path, stages: list[str], kills: int, seed: int,
+              kills_for: dict[str, int] | None = None) -> list[StageResult]:
+    """``kills`` per stage (``kills_for`` overrides it per stage). A reference already in ``work``
+    (with ``reference-times.json``) is reused; the stages it lacks are run and added."""
     from sage_builder.testing.chat_server import ChatServer
 
     rng = random.Random(seed)
@@ -208,12 +212,17 @@ def run_chaos(work: Path, stages: list[str], kills: int, seed: int) -> list[Stag
     with ChatServer(script=llm_script()) as server:
         pipeline = chaos_pipeline(work, server.base_url)
         reference = work / "reference"
-        times = {}
+        times_file = work / "reference-times.json"
+        times = json.loads(times_file.read_text()) if times_file.exists() else {}
         for name in needed_stages(stages):
+            if name in times and (reference / name / "manifest.json").exists():
+                continue
             times[name] = run_to_end(pipeline, reference, name)
+            times_file.write_text(json.dumps(times))
             print(f"reference {name}: {times[name]:.1f} s", flush=True)
         for name in stages:
-            results.append(chaos_stage(name, pipeline, reference, times[name], work, kills, rng))
+            n = (kills_for or {}).get(name, kills)
+            results.append(chaos_stage(name, pipeline, reference, times[name], work, n, rng))
     return results
 
 
@@ -231,6 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs per stage")
     parser.add_argument("--stages", nargs="+", default=["1", "2", "3", "4", "6"], help="names or numbers")
+    parser.add_argument("--kills-for", nargs="*", default=[], metavar="STAGE=N",
+                        help="another number of kills for some stages, e.g. profiles=5 train=5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temp folder)")
     args = parser.parse_args()
@@ -238,7 +249,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sage-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results = run_chaos(work, stages, args.kills, args.seed)
+    kills_for = {}
+    for item in args.kills_for:
+        name, _, n = item.partition("=")
+        kills_for[STAGE_ORDER[int(name) - 1] if name.isdigit() else name] = int(n)
+    results = run_chaos(work, stages, args.kills, args.seed, kills_for)
     print(table(results))
     print(f"{sum(r.kills for r in results)} kills in {time.monotonic() - started:.0f} s; seed {args.seed}; "
           f"work folder {work} (runs that differed are kept there)")
