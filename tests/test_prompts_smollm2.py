@@ -16,8 +16,8 @@ from sage_builder.stages.prompts.text import scene_similarity
 from sage_builder.store import RunDir
 
 REASONS = {"refusal", "too_short", "template_residue", "clip_tokens_unsafe", "clip_tokens_safe", "copies_example",
-           "identical", "edit_similarity_high", "scene_similarity_low", "concept_term_in_safe", "near_duplicate",
-           "truncated", "invalid_json", "schema", "constraint_error"}
+           "identical", "edit_similarity_high", "copies_unsafe", "scene_similarity_low", "concept_term_in_safe",
+           "near_duplicate", "truncated", "invalid_json", "schema", "constraint_error"}
 
 
 @pytest.mark.slow

@@ -75,6 +75,8 @@ def defect_corpus(sample: list[dict[str, str]]) -> dict[str, dict[str, object]]:
         "unsafe/copies_example": pair(6, prompt_unsafe=EXAMPLE),
         "safe/identical": pair(7, prompt_safe=sample[7]["prompt_unsafe"]),
         "safe/edit_similarity_high": pair(8, prompt_safe=str(sample[8]["prompt_unsafe"]).replace(" the ", " a ", 1)),
+        # SmolLM2's commonest bad rewrite: p_h less its first words, harm kept word for word
+        "safe/copies_unsafe": pair(10, prompt_safe=" ".join(str(sample[10]["prompt_unsafe"]).split()[12:])),
         "safe/scene_similarity_low": {**crowd, "prompt_safe": "A bowl of ripe oranges sits on a wooden kitchen "
                                                               "table beside lace curtains in soft morning light."},
         "safe/concept_term_in_safe": pair(9, prompt_safe=f"{sample[9]['prompt_safe']} It shows {sample[9]['concept']}."),
@@ -85,7 +87,7 @@ def test_every_check_fires_on_its_defect(tmp_path: Path, validator: PairValidato
     sample = _base(tmp_path)
     corpus = defect_corpus(sample)
     crowd = next(r for r in sample if r["concept"] == "psychological operations")
-    clean = audit_rows(tmp_path, [*sample[:10], crowd], validator)
+    clean = audit_rows(tmp_path, [*sample[:11], crowd], validator)
     assert clean.rejected == []  # the untouched pairs pass, so each reason below is the defect's
     for reason, row in corpus.items():
         audit = audit_rows(tmp_path, [row], validator)

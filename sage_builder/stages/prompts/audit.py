@@ -16,7 +16,7 @@ from typing import Any
 
 from sage_builder.errors import StageInputError
 from sage_builder.stages.prompts.quality import acceptance
-from sage_builder.stages.prompts.text import edit_similarity, scene_similarity
+from sage_builder.stages.prompts.text import copied_share, edit_similarity, scene_similarity
 from sage_builder.stages.prompts.validate import PairValidator
 
 COLUMNS = ("category", "concept", "idx", "prompt_unsafe", "prompt_safe")
@@ -115,6 +115,8 @@ def _detail(reason: str, pair: CsvPair, validator: PairValidator, duplicate: tup
     if check == "edit_similarity_high":
         return f"edit similarity {edit_similarity(pair.prompt_unsafe, pair.prompt_safe):.2f} > " \
                f"{config.edit_similarity_max}"
+    if check == "copies_unsafe":
+        return f"{100 * copied_share(pair.prompt_unsafe, pair.prompt_safe):.0f}% of p_s is one verbatim run of p_h"
     if check == "scene_similarity_low":
         return f"scene similarity {scene_similarity(pair.prompt_unsafe, pair.prompt_safe):.2f} < " \
                f"{config.scene_similarity_min}"

@@ -45,6 +45,9 @@ class PromptsConfig(StrictModel):
     edit_similarity_max: float = Field(0.9, ge=0.0, le=1.0, description="word-level similarity p_h vs p_s above "
                                                                         "which p_s is nearly identical (must "
                                                                         "really change p_h)")
+    copied_share_max: float = Field(0.8, gt=0.0, le=1.0, description="share of p_s's words that are one verbatim "
+                                                                     "run of p_h above which p_s is a fragment of "
+                                                                     "p_h (published pairs: at most 0.68)")
     scene_similarity_min: float = Field(0.06, ge=0.0, le=1.0, description="scene similarity p_h vs p_s (word order "
                                                                           "or scene words kept) below which p_s is "
                                                                           "no rewrite of p_h; 0.06 accepts 299 of "

@@ -79,7 +79,8 @@ def pair_rounds(config: PipelineConfig, hashes: dict[str, str], counter: Any) ->
     validator = validator_for(prompts, counter)
     # The tokenizer enters keys by content, not by path: a moved folder must not redo items.
     rules = {"max_clip_tokens": prompts.max_clip_tokens, "tokenizer": counter.identity(),
-             "band": [prompts.scene_similarity_min, prompts.edit_similarity_max], "checks": CHECKS_VERSION}
+             "band": [prompts.scene_similarity_min, prompts.edit_similarity_max], "checks": CHECKS_VERSION,
+             "copied_share_max": prompts.copied_share_max}
     return PairRounds(config, templates, hashes, validator, rules)
 
 

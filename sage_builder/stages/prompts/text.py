@@ -61,6 +61,14 @@ def edit_similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, words(a), words(b), autojunk=False).ratio()
 
 
+def copied_share(source: str, copy: str) -> float:
+    """Share of ``copy``'s words that are one verbatim run of ``source``'s words (1.0: a fragment of it)."""
+    a, b = words(source), words(copy)
+    if not a or not b:
+        return 0.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b)).size / len(b)
+
+
 def scene_words(text: str) -> set[str]:
     """Content words cut to a 5-letter stem ('soldiers'/'soldier', 'illuminated'/'illumination')."""
     return {w[:5] for w in normal_words(text) if w not in STOPWORDS and len(w) >= 3}

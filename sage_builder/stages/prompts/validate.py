@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from sage_builder.llm.refusal import looks_like_refusal
 from sage_builder.stages.prompts.text import (
     contains_phrase,
+    copied_share,
     edit_similarity,
     jaccard,
     ngrams,
@@ -35,14 +36,14 @@ if TYPE_CHECKING:
 
 MIN_WORDS = 5
 # Bump when a check changes what it accepts: the version enters every p_h / p_s item key.
-CHECKS_VERSION = 2
-# Unreplaced template markers ({{id}}}, {concept}), chat special tokens, the templates' field
-# labels and the reply schema's keys: text a prompt never holds unless a template leaked into it.
+CHECKS_VERSION = 3
+# Template markers ({{id}}}, {concept}: no published prompt has a brace), chat special tokens, the
+# templates' field labels and the reply schema's keys: text a prompt never holds unless a template
+# leaked into it.
 TEMPLATE_RESIDUE = re.compile(
-    r"\{\{|\}\}|\{\s*\w+\s*\}|<\|[^|>]*\|>|\b(?:Category|Concept|Harmful concept|Variation|Prompt)\s*:"
-    r"|\"(?:prompt|refused)\"\s*:")
+    r"[{}]|<\|[^|>]*\|>|\b(?:Category|Concept|Harmful concept|Variation|Prompt)\s*:|\"(?:prompt|refused)\"\s*:")
 PROMPT_CHECKS = ("refusal", "too_short", "template_residue", "clip_tokens", "copies_example")
-REWRITE_CHECKS = ("identical", "edit_similarity_high", "scene_similarity_low", "concept_term_in_safe")
+REWRITE_CHECKS = ("identical", "edit_similarity_high", "copies_unsafe", "scene_similarity_low", "concept_term_in_safe")
 
 
 class PairValidator:
@@ -90,6 +91,8 @@ class PairValidator:
             found.append("identical")
         elif edit_similarity(p_h, p_s) > self.config.edit_similarity_max:
             found.append("edit_similarity_high")
+        elif copied_share(p_h, p_s) > self.config.copied_share_max:
+            found.append("copies_unsafe")
         if scene_similarity(p_h, p_s) < self.config.scene_similarity_min:
             found.append("scene_similarity_low")
         term = concept["concept"]
