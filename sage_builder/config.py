@@ -20,6 +20,7 @@ from sage_builder.config_base import (ConfigPath, ModelRef, OptionalModelRef, St
                                       hashable_dump, model_identity, project_file, unknown_key_hint)
 from sage_builder.errors import ConfigError
 from sage_builder.executors.config import RayConfig
+from sage_builder.stages.eval.config import EvalConfig
 from sage_builder.stages.label.config import LabelConfig
 from sage_builder.stages.profiles.config import ProfilesConfig
 from sage_builder.stages.prompts.config import PromptsConfig
@@ -92,6 +93,7 @@ class PipelineConfig(StrictModel):
                                    "repo")
     train: TrainConfig = Field(default_factory=TrainConfig, description="stage 6: the user-conditioned "
                                "adapter (Diffusion-DPO)")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     source: Path | None = execution(None, description="the YAML file this was loaded from (set by the loader)")
 
     @field_validator("categories")

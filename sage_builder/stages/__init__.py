@@ -1,4 +1,4 @@
-"""The six stages, in order. Each lives in its own package with ``config.py`` and ``stage.py``.
+"""The seven stages, in order. Each lives in its own package with ``config.py`` and ``stage.py``.
 
 Stage modules are imported on first use so that ``sage status`` does not pay for torch.
 """
@@ -13,7 +13,7 @@ from sage_builder.errors import SageError
 if TYPE_CHECKING:
     from sage_builder.stages.base import Stage
 
-STAGE_ORDER = ["profiles", "prompts", "render", "label", "publish", "train"]
+STAGE_ORDER = ["profiles", "prompts", "render", "label", "publish", "train", "eval"]
 
 
 def get_stage(name_or_number: str | int) -> Stage:
