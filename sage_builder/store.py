@@ -347,6 +347,11 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
+def _corrupt_part(part: Path, exc: BaseException) -> StageInputError:
+    return StageInputError(f"{part}: a corrupt item part ({type(exc).__name__}); delete it and rerun the stage: "
+                           "only its items are computed again")
+
+
 class ItemCache:
     """Crash-safe, append-only store of finished items, keyed by ``item_key``.
 
@@ -368,14 +373,32 @@ class ItemCache:
         parts = self.parts()
         if not parts:
             return None
-        schema = pa.unify_schemas([pq.read_schema(part) for part in parts], promote_options="default")
+        schemas = []
+        for part in parts:
+            try:
+                schemas.append(pq.read_schema(part))
+            except (pa.ArrowException, OSError) as exc:
+                raise _corrupt_part(part, exc) from None
+        schema = pa.unify_schemas(schemas, promote_options="default")
         return ds.dataset([str(part) for part in parts], schema=schema, format="parquet")
 
-    def done_keys(self) -> set[str]:
+    def _table(self, columns: list[str] | None) -> pa.Table | None:
         dataset = self._dataset()
         if dataset is None:
-            return set()
-        return set(dataset.to_table(columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
+            return None
+        try:
+            return dataset.to_table(columns=columns)
+        except (pa.ArrowException, OSError):
+            for part in self.parts():  # which part is damaged: read them one by one
+                try:
+                    pq.read_table(part, columns=columns)
+                except (pa.ArrowException, OSError) as exc:
+                    raise _corrupt_part(part, exc) from None
+            raise
+
+    def done_keys(self) -> set[str]:
+        table = self._table([ITEM_KEY])
+        return set() if table is None else set(table.column(ITEM_KEY).to_pylist())
 
     def write(self, rows: list[dict[str, Any]] | pa.Table, writer_id: str = "0") -> Path | None:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
@@ -390,10 +413,9 @@ class ItemCache:
 
     def read(self, keys: Iterable[str] | None = None, columns: list[str] | None = None) -> pa.Table | None:
         """All finished items (or only ``keys``), one row per key, in part order."""
-        dataset = self._dataset()
-        if dataset is None:
+        table = self._table(columns)
+        if table is None:
             return None
-        table = dataset.to_table(columns=columns)
         seen: set[str] = set()
         wanted = set(keys) if keys is not None else None
         mask = []

@@ -66,6 +66,25 @@ def test_item_parts_with_different_columns_read_as_one_table(tmp_path):
     assert cache.done_keys() == {"a", "b"}
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip-a-data-byte"])
+def test_a_corrupt_item_part_is_named(tmp_path, damage):
+    from sage_builder.errors import StageInputError
+
+    cache = ItemCache(tmp_path / "items")
+    cache.write([{"item_key": "a", "value": "x" * 200}], writer_id="0")
+    bad = cache.write([{"item_key": f"k{i}", "value": str(i) * 50} for i in range(50)], writer_id="1")
+    data = bytearray(bad.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[8:200] = bytes(192)  # the column chunks, not the footer
+    bad.write_bytes(bytes(data))
+    with pytest.raises(StageInputError, match=f"{bad.name}: a corrupt item part"):
+        cache.read()
+    with pytest.raises(StageInputError, match=f"{bad.name}: a corrupt item part"):
+        cache.done_keys()
+
+
 def test_item_rows_need_a_key(tmp_path):
     with pytest.raises(ValueError, match="item_key"):
         ItemCache(tmp_path).write([{"value": 1}])

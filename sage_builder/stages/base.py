@@ -267,17 +267,16 @@ def verify_inputs(stage: Stage, run: RunDir, full: bool = False) -> None:
 
 @contextlib.contextmanager
 def readable_inputs(stage: Stage, run: RunDir) -> Iterator[None]:
-    """A Parquet input that cannot be read becomes one line naming the damaged file and its stage."""
+    """A Parquet input that cannot be read becomes one line naming the damaged file and its stage. An
+    Arrow error with every input intact is the stage's own and keeps its traceback."""
     import pyarrow as pa
 
     try:
         yield
-    except pa.ArrowException as exc:
-        log.debug("stage %s: unreadable input", stage.name, exc_info=True)
-        verify_inputs(stage, run, full=True)  # names the file when it differs from its manifest
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StageInputError(f"stage '{stage.name}': an input file is not readable Parquet ({first[:160]}); "
-                              f"`sage status --verify {run.root}` finds the damaged file") from None
+    except pa.ArrowException:
+        log.debug("stage %s: Arrow error; hashing its inputs", stage.name, exc_info=True)
+        verify_inputs(stage, run, full=True)  # raises naming the file when one differs from its manifest
+        raise
 
 
 def space_needed(stage: Stage, run: RunDir) -> tuple[int, str] | None:
