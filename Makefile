@@ -14,7 +14,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-ray test test-fast setup models vllm-venv stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
+.PHONY: demo demo-ray test test-fast setup models vllm-venv browser stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
         status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-ray bench-gpu chaos gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
@@ -55,7 +55,13 @@ demo-ray: models
 	$(SAGE) run --config $(PIPELINE) --run-dir $(RUN)-ray --set executor=ray $(ARGS)
 	$(SAGE) status $(RUN)-ray
 
-test: models vllm-venv
+# Headless Chromium for tests/test_report.py (the report page rendered in a real browser); installed
+# from Debian when missing and running as root, else that test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -q && apt-get install -y -q chromium) || echo "chromium not installed: tests/test_report.py will skip its browser test"; }
+
+test: models vllm-venv browser
 	$(PY) -m pytest -q
 
 test-fast: models

@@ -14,9 +14,9 @@ from typing import Any
 
 from sage_builder.config_base import public_model_ref
 
-# An absolute path token: "/" + components, not preceded by a word character ("render/shards", "50/50"
-# and URLs' "//host" stay as they are).
-_ABSOLUTE = re.compile(r"(?<![\w.:/])(/(?:[\w.@+~-]+/)*[\w.@+~-]+/?)")
+# An absolute path token: "/" + components, not preceded by a word character ("render/shards", "50/50",
+# URLs' "//host" and base64 text stay as they are).
+_ABSOLUTE = re.compile(r"(?<![\w.:/+=])(/(?:[\w.@+~-]+/)*[\w.@+~-]+/?)")
 _MODEL_FILES = ("model_index.json", "config.json", "tokenizer_config.json")
 
 
@@ -36,7 +36,12 @@ def public_path(value: str, run_root: Path | None = None) -> str:
 
 def _is_local(token: str) -> bool:
     first = token.strip("/").split("/")[0]
-    return bool(first) and Path("/" + first).exists()
+    if not first or len(first) > 255:
+        return False
+    try:
+        return Path("/" + first).exists()
+    except OSError:
+        return False
 
 
 def public_text(text: str, run_root: Path | None = None) -> str:
