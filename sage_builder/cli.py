@@ -260,6 +260,7 @@ def _register_stage_commands() -> None:
 
 
 _register_stage_commands()
+importlib.import_module("sage_builder.report.cli").register(app)  # `sage report RUN`: the run's page
 
 
 def main() -> None:
