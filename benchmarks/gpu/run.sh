@@ -24,8 +24,11 @@ for script in "${scripts[@]}"; do
   [[ -f "$script" ]] || continue
   echo "=== $script"
   if [[ "$script" == benchmarks/gpu/bench_render_gpu.py ]]; then
+    # Render lever rows, most telling first, time-boxed (--budget-s 450 s since start; the hard stop
+    # keeps it under ~8.5 min, and the JSON is rewritten after every row). Extra arguments:
+    # BENCH_RENDER_ARGS="--rows eager,all-levers --budget-s 300".
     # shellcheck disable=SC2086
-    python3 "$script" ${BENCH_RENDER_ARGS:-} || status=$?
+    timeout -k 10 "${BENCH_RENDER_TIMEOUT_S:-510}" python3 "$script" ${BENCH_RENDER_ARGS:-} || status=$?
   elif [[ "$script" == benchmarks/gpu/bench_train_gpu.py ]]; then
     # Train rows (time-boxed, 240 s by default): batch 2 with gradient checkpointing on, then off,
     # the largest batch that fits, then uncached. Extra arguments: BENCH_TRAIN_ARGS="--budget-s 180".

@@ -1,8 +1,9 @@
 """Stage 3 (render) configuration.
 
 Everything that changes the pixels or the stored bytes (model, scheduler, steps, guidance, size,
-precision, encoding) is hashed into each image's key; batch size, device, workers and compile
-only change how fast the same images come out.
+precision, encoding) is hashed into each image's key; batch size, device, workers and the speed
+levers (compile, fused QKV, SDPA backend: see ``levers.py``) only change how fast the same images
+come out (within float rounding).
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ class RenderConfig(StrictModel):
     threads: int | None = execution(None, ge=1, description="CPU: torch threads per worker (default: torch's "
                                     "choice; on a shared machine, at most the idle cores)")
     compile: bool = execution(False, description="torch.compile the UNet (pays off on long GPU runs)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = execution(
+        "default", description="torch.compile mode of the UNet and VAE decode: reduce-overhead and max-autotune "
+        "use CUDA graphs; max-autotune also benchmarks kernels (minutes of warm-up per shape)")
+    compile_vae: bool = execution(False, description="torch.compile the VAE decode (channels-last on CUDA)")
+    inductor_flags: bool = execution(False, description="when compiling: conv_1x1_as_mm, coordinate-descent "
+                                     "tuning, no epilogue fusion (diffusers' accelerate-inference guide)")
+    fuse_qkv: bool = execution(False, description="fuse each attention's q/k/v projections into one matmul "
+                               "(diffusers fuse_qkv_projections)")
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = execution(
+        "auto", description="scaled_dot_product_attention kernel (auto: torch's choice; flash, cudnn and "
+        "efficient need CUDA)")
     seconds_per_image: float | None = execution(
         None, gt=0, description="for `sage plan`; default 2.5 s (SDXL 1024 px 30 steps, A100) scaled by "
         "steps and pixels")

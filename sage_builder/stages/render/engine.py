@@ -125,8 +125,9 @@ def _check_pipeline_class(index: Path, expected: str, config: RenderConfig) -> N
                               f"'{config.backbone}' needs a {expected}; fix render.backbone or render.model")
 
 
-def load_pipeline(config: RenderConfig, device: str, compile_unet: bool = False) -> Any:
-    """The diffusers pipeline for ``config``, on ``device`` in the configured precision, SDPA attention."""
+def load_pipeline(config: RenderConfig, device: str) -> Any:
+    """The diffusers pipeline for ``config``, on ``device`` in the configured precision, SDPA attention
+    (eager: the speed levers are applied by ``levers.apply_levers``)."""
     import diffusers
 
     source, _ = locate_model(config)
@@ -140,13 +141,12 @@ def load_pipeline(config: RenderConfig, device: str, compile_unet: bool = False)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise StageInputError(f"render.model: cannot load {source} as a {cls.__name__}: {first}") from None
-    return prepare_pipeline(pipe, config.scheduler, device, compile_unet)
+    return prepare_pipeline(pipe, config.scheduler, device)
 
 
-def prepare_pipeline(pipe: Any, scheduler: str, device: str, compile_unet: bool = False) -> Any:
-    """Scheduler by name, device, SDPA attention, quiet progress, optional compiled UNet."""
+def prepare_pipeline(pipe: Any, scheduler: str, device: str) -> Any:
+    """Scheduler by name, device, SDPA attention, quiet progress."""
     import diffusers
-    import torch
 
     class_name, extra = SCHEDULERS[scheduler]
     if class_name:
@@ -158,10 +158,6 @@ def prepare_pipeline(pipe: Any, scheduler: str, device: str, compile_unet: bool 
     if hasattr(pipe.unet, "set_attn_processor"):
         pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
-    if compile_unet:
-        if device.startswith("cuda"):
-            pipe.unet.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet)
     return pipe
 
 
@@ -337,21 +333,24 @@ def decode_latents(pipe: Any, latents: Any) -> Any:
 
 
 def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings, pad_to: int = 0,
-                   invariant: bool = True) -> Any:
+                   invariant: bool = True, sdpa_backend: str = "auto") -> Any:
     """Render one batch; returns (len(jobs), H, W, 3) uint8.
 
     Each image has its own CPU generator (so the initial noise is the same on any device), its own
     VAE decode (less memory, too); only the denoising loop is batched. ``invariant`` (CPU) also
     encodes each prompt alone; on GPUs the text encoders get the whole batch. ``pad_to`` repeats
-    the last job so that a compiled UNet always sees one shape.
+    the last job so that a compiled UNet always sees one shape; ``sdpa_backend`` pins the attention
+    kernel (``levers.attention_backend``).
     """
     import torch
+
+    from sage_builder.stages.render.levers import attention_backend
 
     padded = list(jobs) + [jobs[-1]] * max(0, pad_to - len(jobs))
     if settings.guidance <= 1.0 and len(padded) == 1:
         padded = padded * 2  # without guidance a lone image would be a UNet batch of one (see above)
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in padded]
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backend(sdpa_backend):
         embeds = encode_prompts(pipe, [job.prompt for job in padded], settings, one_by_one=invariant)
         latents = pipe(**embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                        height=settings.height, width=settings.width, generator=generators,
@@ -363,13 +362,14 @@ def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings
 def render_batches(pipe: Any, job_batches: Iterable[Sequence[ImageJob]], settings: RenderSettings,
                    cache: ItemCache, revision: str | None, writer_id: str = "0", pad_to: int = 0,
                    on_written: Callable[[int], None] | None = None, max_queued: int = 2,
-                   invariant: bool = True) -> BackgroundWriter:
+                   invariant: bool = True, sdpa_backend: str = "auto") -> BackgroundWriter:
     """Render each batch in turn, handing the pixels to a background writer (one part per batch)."""
     writer = BackgroundWriter(cache, settings, scheduler_label(pipe), revision, writer_id=writer_id,
                               max_batches=max_queued, on_written=on_written)
     try:
         for batch in job_batches:
-            writer.put(batch, generate_batch(pipe, batch, settings, pad_to=pad_to, invariant=invariant))
+            writer.put(batch, generate_batch(pipe, batch, settings, pad_to=pad_to, invariant=invariant,
+                                             sdpa_backend=sdpa_backend))
     except BaseException:
         # Keep what is already rendered (the queued batches still get written), then re-raise.
         try:
@@ -383,7 +383,9 @@ def render_batches(pipe: Any, job_batches: Iterable[Sequence[ImageJob]], setting
 
 def render_jobs(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings, cache: ItemCache,
                 batch_size: int, revision: str | None, writer_id: str = "0", pad_batches: bool = False,
-                on_written: Callable[[int], None] | None = None, invariant: bool = True) -> BackgroundWriter:
+                on_written: Callable[[int], None] | None = None, invariant: bool = True,
+                sdpa_backend: str = "auto") -> BackgroundWriter:
     """Render ``jobs`` in order, ``batch_size`` at a time (see ``render_batches``)."""
     return render_batches(pipe, batches(jobs, batch_size), settings, cache, revision, writer_id,
-                          pad_to=batch_size if pad_batches else 0, on_written=on_written, invariant=invariant)
+                          pad_to=batch_size if pad_batches else 0, on_written=on_written, invariant=invariant,
+                          sdpa_backend=sdpa_backend)

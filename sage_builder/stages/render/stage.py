@@ -121,6 +121,7 @@ class RenderStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         from sage_builder.stages.render.engine import RenderSettings, locate_model
+        from sage_builder.stages.render.levers import RenderLevers
         from sage_builder.stages.render.workers import render_missing
 
         config = ctx.config.render
@@ -152,7 +153,7 @@ class RenderStage(Stage):
         ctx.stats.update({
             "pairs": len(pairs), "images": len(jobs), "rendered_now": written, "reused": len(jobs) - len(todo),
             "shards": len(shard_names), "device": device, "dtype": settings.dtype, "encoding": settings.encoding,
-            "quality": settings.quality,
+            "quality": settings.quality, "levers": RenderLevers.from_config(config).describe(),
             "render_seconds": round(render_seconds, 2),
             "images_per_second": round(written / render_seconds, 3) if written and render_seconds > 0 else None,
             **executor.facts(units),  # executor, workers (and on Ray its actors and units)

@@ -27,6 +27,7 @@ from sage_builder.progress import progress
 from sage_builder.stages.render.config import RenderConfig
 from sage_builder.stages.render.engine import (ImageJob, RenderSettings, load_pipeline, make_batch_invariant,
                                                render_batches)
+from sage_builder.stages.render.levers import RenderLevers, check_levers, compile_pipeline, fuse_projections
 from sage_builder.store import ItemCache
 
 log = logging.getLogger("sage.render")
@@ -48,20 +49,25 @@ def cut_batches(jobs: Sequence[ImageJob], batch_size: int,
 
 
 def load_worker_pipeline(config: RenderConfig, device: str) -> Any:
-    """A worker's pipeline: compiled if asked, batch-invariant on CPU."""
-    pipe = load_pipeline(config, device, compile_unet=config.compile)
+    """A worker's pipeline: its speed levers applied (fused, compiled), batch-invariant on CPU."""
+    levers = RenderLevers.from_config(config)
+    check_levers(levers, device)
+    pipe = load_pipeline(config, device)
+    # Batch invariance wraps the (possibly fused) projections before they are compiled.
+    fuse_projections(pipe, levers)
     if device == "cpu":
         make_batch_invariant(pipe)
-    return pipe
+    return compile_pipeline(pipe, levers, device)
 
 
 def render_cut_batches(pipe: Any, config: RenderConfig, settings: RenderSettings, device: str,
                        batches: Sequence[Sequence[ImageJob]], cache_dir: Path, revision: str | None,
                        writer_id: str, on_written: Callable[[int], None] | None = None) -> int:
     """Render batches that are already cut (their composition is kept exactly); returns images written."""
+    # A compiled worker sees one shape per model: every batch is padded to render.batch_size.
     writer = render_batches(pipe, batches, settings, ItemCache(cache_dir), revision, writer_id=writer_id,
                             pad_to=config.batch_size if config.compile else 0, on_written=on_written,
-                            invariant=device == "cpu")
+                            invariant=device == "cpu", sdpa_backend=config.sdpa_backend)
     return writer.written
 
 
