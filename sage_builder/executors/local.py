@@ -9,7 +9,6 @@ a queue, so the progress bar moves per batch, not per unit.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import os
 import signal
@@ -21,8 +20,6 @@ from typing import Any, TypeVar
 from sage_builder.executors.base import (Executor, Report, UnitWorker, WorkerRequest, WorkerSlot,
                                          describe_exception, failure_line, raise_first, where, worker_label)
 from sage_builder.runtime import resolve_device
-
-log = logging.getLogger("sage.executor")
 
 U = TypeVar("U")
 R = TypeVar("R")

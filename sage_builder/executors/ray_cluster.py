@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sage_builder.errors import SageError
-from sage_builder.executors.base import describe_exception, failure_line, raise_first, where, worker_label
+from sage_builder.executors.base import describe_exception, failure_line, raise_first, worker_label
 
 if TYPE_CHECKING:
     from sage_builder.executors.config import RayConfig
@@ -157,8 +157,8 @@ def start_actors(ray: Any, actor_cls: Any, args: Sequence[tuple[Any, ...]], opti
     """Start one actor per ``args`` entry, all at once, and wait until each has loaded its model.
 
     Returns (actors, labels like 'render#0 (host h GPU 0, pid 123)'). ``actor_cls`` has ``start()``,
-    which loads what the actor needs and returns :func:`where`; loading there, not in ``__init__``,
-    lets its errors arrive as they were raised.
+    which loads what the actor needs and returns ``executors.base.where()``; loading there, not in
+    ``__init__``, lets its errors arrive as they were raised.
     """
     n = len(args)
     resources = ray.cluster_resources()
