@@ -47,6 +47,7 @@ class Evaluation:
         self.not_run: list[str] = [f"{DISPLAY[n]}: not run" for n in ("nudenet", "q16") if n not in self.e.scorers]
         self.scorers = make_scorers(self.e, list(self.e.scorers), list(config.categories), self.device, section="eval")
         self.judge = None
+        self.rendered_now = 0
         self.fid = None
         self.clip = None
         try:
@@ -115,6 +116,7 @@ class Evaluation:
             rendered = render_missing(images, self.render, self.settings, self.revision, self.device, cache,
                                       self.adapters, embeddings, self.e.psa_scale, self.e.batch_size, bar.update)
             bar.close()
+            self.rendered_now = rendered  # in the manifest's stats, not in summary.json (same bytes on a rerun)
         finally:
             torch.set_num_threads(threads)
         meta = image_metadata(cache)
@@ -131,7 +133,7 @@ class Evaluation:
             "backbone": self.render.backbone, "model": Path(self.render.model).name if Path(self.render.model).exists()
             else self.render.model, "steps": self.render.steps, "guidance": self.render.guidance,
             "resolution": self.render.height, "prompt_sets": _counts(self.prompts), "images": len(images),
-            "rendered_now": rendered, "scorers": list(self.e.scorers), "ip_scorers": ip_scorers,
+            "scorers": list(self.e.scorers), "ip_scorers": ip_scorers,
             "scorer_models": {s.name: s.describe() for s in self.scorers}, "not_run": list(self.not_run),
             "ip": metrics.ip_rows(rows, verdicts, list(self.e.scorers)), "blurred": self.e.plots.blur}
 
