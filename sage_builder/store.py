@@ -338,12 +338,14 @@ def disk_full_error(exc: BaseException, where: Path, needed: tuple[int, str] | N
     target = Path(filename) if filename else where
     probe = next((p for p in [target, *target.parents] if p.exists()), where)
     free = shutil.disk_usage(probe).free
-    need = f"; the stage needs about {_mb(needed[0])} ({needed[1]})" if needed else ""
+    need = f"; the stage needs at least {_mb(needed[0])} more ({needed[1]})" if needed else ""
     return DiskFullError(f"disk full (no space left on device) writing {target}: {_mb(free)} free there{need}; "
                          f"free some space or use a --run-dir on a larger disk, then rerun: finished items are kept")
 
 
 def _mb(n: int) -> str:
+    if n < 1e6:
+        return f"{n / 1e3:.0f} kB"
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 

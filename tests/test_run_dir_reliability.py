@@ -157,7 +157,7 @@ def test_a_full_disk_is_one_line_saying_where_and_how_much_and_changes_nothing(t
     assert result.exit_code == 2
     (line,) = error_lines(result.output)
     assert line.startswith("error: disk full (no space left on device) writing ") and " free there" in line
-    assert "the stage needs about " in line and "then rerun" in line
+    assert "the stage needs at least " in line and "then rerun" in line
     assert snapshot(root) == before
 
 

@@ -284,10 +284,10 @@ def space_needed(stage: Stage, run: RunDir) -> tuple[int, str] | None:
     items = run.stage(stage.name).path / "_items"
     cached = sum(f.stat().st_size for f in items.rglob("*") if f.is_file()) if items.exists() else 0
     if cached:
-        return cached, "its outputs are assembled from its item cache of that size"
+        return cached, "to assemble its outputs from the items it cached"
     upstream = [run.stage(name).read_manifest() for name in stage.inputs]
     total = sum(f.bytes for m in upstream if m is not None for f in m.outputs.values())
-    return (total, "the size of its inputs") if total else None
+    return (total, "about the size of its inputs") if total else None
 
 
 def _snapshot(root: Path) -> tuple[set[str], set[str]]:
