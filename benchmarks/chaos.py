@@ -53,7 +53,15 @@ VOLATILE_KEYS = ("seconds", "elapsed", "duration", "per_second", "throughput", "
 
 
 def chaos_pipeline(work: Path, base_url: str) -> Path:
-    """The demo, made small, with both LLM stages on the local server and stage 1 embedding locally."""
+    """The demo, made small, with both LLM stages on the local server and stage 1 embedding locally.
+
+    Written once into ``work``: a later run on the same folder keeps it (only the server's address
+    changes, which no hash sees), so its reference stays valid while pipelines/demo.yaml moves on.
+    """
+    path = work / "chaos.yaml"
+    if path.exists():
+        path.write_text(dump_config(load_config(path, [f"llm.base_url={base_url}"])))
+        return path
     config = load_config(ROOT / "pipelines" / "demo.yaml", [
         "llm.backend=openai", "llm.model=scripted", f"llm.base_url={base_url}", "llm.concurrency=4",
         "llm.max_retries=0", "llm.request_timeout_s=10",
@@ -64,7 +72,6 @@ def chaos_pipeline(work: Path, base_url: str) -> Path:
         "train.max_steps=4", "train.checkpoint_every=1",
         "train.eval_records=4",
     ])
-    path = work / "chaos.yaml"
     path.write_text(dump_config(config))
     return path
 

@@ -215,3 +215,12 @@ def test_rerunning_the_named_stage_rebuilds_an_edited_output_from_its_item_cache
         assert result.exit_code == 0, result.output
         assert pairs.read_bytes() == reference
         assert len(server.requests) == sent  # rebuilt from the item cache, not asked again
+
+
+def test_sage_run_holds_the_lock_across_stages_and_releases_it(tmp_path: Path) -> None:
+    root, pipeline = fake_run(tmp_path)
+    result = runner.invoke(app, ["run", "--config", str(pipeline), "--run-dir", str(root), "--skip", "1",
+                                 "--skip", "2", "--skip", "3", "--until", "publish"])
+    assert result.exit_code == 0, result.output
+    assert (root / "label" / "manifest.json").exists() and (root / "publish" / "manifest.json").exists()
+    assert not (root / ".sage.lock").exists()
