@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from sage_builder.public import public_text
+from sage_builder.public import public_data, public_text
 from sage_builder.stages.label.dataset import hub_split
 
 GENERATED_KEYS = ("license", "configs", "dataset_info", "sage_builder")
@@ -64,7 +64,7 @@ def front_matter(existing: dict[str, Any], *, license: str, pretty_name: str, co
     meta["size_categories"] = [size_category(n_records)]
     meta["configs"] = configs
     meta["dataset_info"] = dataset_info
-    meta["sage_builder"] = sage_meta
+    meta["sage_builder"] = public_data(sage_meta)
     # The Hub shows these only on a gated repo (`sage publish --gated auto|manual`); a person's own wording is kept.
     meta.setdefault("extra_gated_prompt", GATED_PROMPT)
     meta.setdefault("extra_gated_fields", dict(GATED_FIELDS))
@@ -129,7 +129,7 @@ def generated_blocks(info: dict[str, Any]) -> dict[str, str]:
     blocks["lineage"] = (
         "## Lineage\n\nManifest hashes of the stages this dataset was built from (sage-builder run directory):\n\n"
         + _table(["stage", "manifest hash", "fingerprint"], lineage) + "\n")
-    return blocks
+    return {name: public_text(text) for name, text in blocks.items()}  # no local path leaves the machine
 
 
 def ban_rates_block(rates: dict[str, Any], categories: list[str]) -> str:
