@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from sage_builder.cli import app
 from sage_builder.config import dump_config
+from sage_builder.store import RunDir
 from sage_builder.testing.fake_run import make_fake_run
 
 runner = CliRunner()
@@ -224,3 +225,18 @@ def test_sage_run_holds_the_lock_across_stages_and_releases_it(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert (root / "label" / "manifest.json").exists() and (root / "publish" / "manifest.json").exists()
     assert not (root / ".sage.lock").exists()
+
+
+def test_a_manifest_without_mtimes_is_trusted_on_size_until_verify(tmp_path: Path) -> None:
+    root, _ = fake_run(tmp_path)
+    stage = RunDir(root).stage("profiles")
+    manifest = stage.read_manifest()
+    for output in manifest.outputs.values():
+        output.mtime_ns = None  # as written before mtimes were recorded
+    stage.write_manifest(manifest)
+    path = root / "profiles" / "profiles.parquet"
+    flip = bytearray(path.read_bytes())
+    flip[len(flip) // 2] ^= 0xFF
+    path.write_bytes(bytes(flip))
+    assert stage.output_problem(manifest) is None
+    assert "modified" in (stage.output_problem(manifest, full=True) or "")
