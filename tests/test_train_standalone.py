@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_standalone_loader_matches_the_package_without_importing_it(tmp_path, mo
 def test_the_standalone_file_imports_nothing_of_the_package():
     from sage_builder.stages.train import standalone
 
-    source = open(standalone.__file__).read()
+    source = Path(standalone.__file__).read_text()
     assert "sage_builder" not in "\n".join(line for line in source.splitlines() if "import" in line)
 
 

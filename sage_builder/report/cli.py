@@ -23,9 +23,8 @@ def report(
 
     The page is static and self-contained (inline CSS, images as data URIs): open it in any browser,
     or send it; it names no local path. Generated images are blurred unless --unblur."""
-    from sage_builder.report.page import build_report
-
     from sage_builder.errors import SageError
+    from sage_builder.report.page import build_report
 
     setup_logging(verbose)
     if run is not None and run_dir is not None and run != run_dir:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sage_builder.config_base import model_identity, public_model_ref
+from sage_builder.config_base import model_identity
 from sage_builder.errors import SageError
 from sage_builder.runtime import is_local_path
 
