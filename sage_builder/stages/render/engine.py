@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sage_builder.config_base import model_identity
+from sage_builder.config_base import model_identity, public_model_ref
 from sage_builder.errors import StageInputError
 from sage_builder.runtime import hub_offline, is_local_path, resolve_dtype, torch_dtype
 from sage_builder.stages.render.config import SCHEDULERS, RenderConfig
@@ -244,7 +244,8 @@ class BackgroundWriter:
         rows = []
         encoded = self._pool.map(lambda array: encode_image(array, s.encoding, s.quality), list(pixels))
         for job, data in zip(jobs, encoded):
-            rows.append({ITEM_KEY: job.key, "prompt": job.prompt, "seed": job.seed, "model": s.model,
+            # The model by name (hub id, or a local folder's name and content identity), never a path (issue 16).
+            rows.append({ITEM_KEY: job.key, "prompt": job.prompt, "seed": job.seed, "model": public_model_ref(s.model),
                          "revision": self.revision, "scheduler": self.scheduler, "steps": s.steps,
                          "guidance": s.guidance, "height": s.height, "width": s.width, "dtype": s.dtype,
                          "encoding": s.encoding, "quality": s.quality, "image": data,
