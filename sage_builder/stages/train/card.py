@@ -178,7 +178,7 @@ Records used: {_table(["split", "records"], record_rows) if record_rows else "no
 
 ## Loading
 
-With sage-builder (`pip install sage-builder`), from any directory:
+With sage-builder installed (its repository: `pip install -e .`), from any directory:
 
 ```bash
 sage generate --adapter path/to/adapter --level 5 --prompt "a crowded city street at night" --out level5.png
