@@ -174,7 +174,9 @@ Manifest hashes of the run this adapter was trained from (dataset fingerprint
 
 {_table(["stage", "manifest hash", "fingerprint"], lineage_rows) if lineage_rows else "not recorded"}
 
-Records used: {_table(["split", "records"], record_rows) if record_rows else "not recorded"}
+Records read:
+
+{_table(["split", "records"], record_rows) if record_rows else "not recorded"}
 
 ## Loading
 
