@@ -159,3 +159,17 @@ def test_screening_off_says_so(tmp_path, models_dir):
     assert "screen" not in manifest.stats and "screening.parquet" not in manifest.outputs
     with pytest.raises(ConfigError):
         config_from_dict({**data, "render": {**data["render"], "screen": {"enabled": True, "scorers": []}}})
+
+
+def test_two_worker_processes_give_the_same_tables(screened, tmp_path, models_dir):
+    """Scoring and rerenders on two spawned workers (as one per GPU): same screening, index and shards."""
+    run1, _, manifest1 = screened
+    run2, data = config_data(tmp_path / "run", models_dir)
+    data["render"]["workers"] = 2
+    manifest2 = run_stage(get_stage("render"), config_from_dict(data), run2)
+    assert manifest2.stats["workers"] == 2
+    for name in ("screening.parquet", "rejects.parquet", "index.parquet"):
+        assert read(run2, name).equals(read(run1, name)), name
+    assert manifest2.stats["screen"]["per_category"] == manifest1.stats["screen"]["per_category"]
+    writers = {p.name.split("-")[3] for p in run2.stage("render").items("scores").parts()}
+    assert writers == {"w0", "w1"}, writers  # both workers scored (parts are named by their writer)

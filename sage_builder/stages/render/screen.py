@@ -124,6 +124,9 @@ class ScoreWorker:
     scores_dir: Path
     device: str = "cpu"
     writer_id: str = "w0"
+    # CPU torch threads while scoring (render.threads, else the cores the slot reserves): Q16's
+    # scores can differ in the last digit with another thread count.
+    threads: int | None = None
     # In this process the driver hands over the scorers it already loaded (and closes them itself).
     scorers: list[Any] = field(default_factory=list, repr=False)
 
@@ -133,11 +136,23 @@ class ScoreWorker:
     def start(self, slot: Any = None) -> None:
         if slot is not None:
             self.device, self.writer_id = slot.device, f"score-{slot.tag}"
+            self.threads = self.threads or slot.cpus
         if not self.scorers:
             self.scorers = make_scorers(self.screen, self.screen.scorers, self.categories, self.device)
 
     def run(self, unit: Sequence[tuple[str, str]], report: Callable[[int], None] | None = None) -> int:
         """``unit``: (image key, scorer name) to score; returns the verdicts written."""
+        import torch
+
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._run(unit, report)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _run(self, unit: Sequence[tuple[str, str]], report: Callable[[int], None] | None) -> int:
         by_scorer: dict[str, list[str]] = defaultdict(list)
         for key, name in unit:
             by_scorer[name].append(key)
@@ -197,13 +212,16 @@ class Screening:
     """The attempt loop of one render stage run: score, decide, rerender, until every pair is settled."""
 
     def __init__(self, screen: ScreenConfig, categories: list[str], stage_dir: Any, device: str,
-                 run_units: RunUnits = run_in_process, in_process: bool = True):
+                 run_units: RunUnits = run_in_process, in_process: bool = True, workers: int = 1,
+                 threads: int | None = None):
         self.screen = screen
         self.categories = categories
         self.stage_dir = stage_dir
         self.device = device
         self.run_units = run_units
         self.in_process = in_process  # scoring runs in this process: reuse the scorers loaded here
+        self.workers = max(1, workers)
+        self.threads = threads
         self.images = stage_dir.items("images")
         self.scores = stage_dir.items("scores")
         self.identities: dict[str, str] = {}
@@ -233,12 +251,13 @@ class Screening:
         done = self.scores.done_keys()
         todo = [pair for key, pair in wanted.items() if key not in done]
         if todo:
-            units = [todo[i:i + IMAGES_PER_UNIT * len(self.identities)]
-                     for i in range(0, len(todo), IMAGES_PER_UNIT * len(self.identities))]
             n_images = len({k for k, _ in todo})
+            # Every worker gets work when there are few images; at most IMAGES_PER_UNIT per unit.
+            per_unit = len(self.identities) * max(1, min(IMAGES_PER_UNIT, -(-n_images // self.workers)))
+            units = [todo[i:i + per_unit] for i in range(0, len(todo), per_unit)]
             bar = progress(total=n_images, desc="screen", unit="img")
             worker = ScoreWorker(self.screen, self.categories, self.images.directory, self.scores.directory,
-                                 self.device, scorers=list(self.loaded))
+                                 self.device, threads=self.threads, scorers=list(self.loaded))
             try:
                 self.run_units(units, worker, bar.update)
             finally:
@@ -422,7 +441,8 @@ def screen_rendered(ctx: Any, pairs: list[dict[str, Any]], planned: list[Planned
         category = dict(zip(table.column("pair_id").to_pylist(), table.column("category").to_pylist()))
     pairs = [{**pair, "category": category.get(pair["pair_id"])} for pair in pairs]
     screening = Screening(ctx.config.render.screen, list(ctx.config.categories), ctx.stage_dir, executor.device,
-                          on_executor(executor), in_process=isinstance(executor, InProcessExecutor))
+                          on_executor(executor), in_process=isinstance(executor, InProcessExecutor),
+                          workers=executor.workers_for(len(pairs) * 2), threads=ctx.config.render.threads)
     result = screening.run(pairs, planned, settings, ctx.config.seed, render_jobs)
     ctx.write_table("screening.parquet", result.attempts)
     ctx.write_table("rejects.parquet", result.rejects)
