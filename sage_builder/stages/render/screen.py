@@ -352,7 +352,10 @@ class Screening:
             ku, ks = current[pid]
             planned += [PlannedImage(pid, "u", ku), PlannedImage(pid, "s", ks)]
         stats = screening_stats(rows, pairs, self.screen, self.categories)
-        stats.update({"scorers": self.described, "rendered_again": rendered_again, "scored_now": self.scored_now})
+        # Short figures first: `sage status` shows the start of a stage's stats.
+        stats = {"enabled": True, "scorer_names": stats.pop("scorer_names"), "not_run": stats.pop("not_run"),
+                 "totals": stats.pop("totals"), "rendered_again": rendered_again, "scored_now": self.scored_now,
+                 **stats, "scorers": self.described}
         reject_schema = pa.schema([("pair_id", pa.string()), ("category", pa.string()), ("outcome", pa.string()),
                                    ("attempts", pa.int64()), ("reason", pa.string()), ("scores", pa.string())])
         return ScreenResult(planned, pa.Table.from_pylist(rows), pa.Table.from_pylist(rejects, schema=reject_schema),
