@@ -16,7 +16,7 @@ from sage_builder.config_base import public_model_ref
 
 # An absolute path token: "/" + components, not preceded by a word character ("render/shards", "50/50",
 # URLs' "//host" and base64 text stay as they are).
-_ABSOLUTE = re.compile(r"(?<![\w.:/+=])(/(?:[\w.@+~-]+/)*[\w.@+~-]+/?)")
+_ABSOLUTE = re.compile(r"(?<![\w.:/+])(/(?:[\w.@+~-]+/)*[\w.@+~-]+/?)")
 _MODEL_FILES = ("model_index.json", "config.json", "tokenizer_config.json")
 
 

@@ -182,3 +182,16 @@ def test_the_page_renders_in_headless_chromium_without_console_errors(page, tmp_
     header = image.convert("RGB").getpixel((640, 20))
     assert header == (26, 54, 93)  # the page's own header colour (#1a365d): CSS applied
     shutil.copy(shot, path.parent / "report" / "chromium-screenshot.png")
+
+
+def test_public_text_names_models_and_run_files_without_paths(tmp_path, models_dir):
+    from sage_builder.public import public_text
+
+    run = tmp_path / "run"
+    (run / "label").mkdir(parents=True)
+    text = (f"model={models_dir / 'tiny-sdxl'}, revision=None; dataset {run / 'label' / 'dataset'}; "
+            f"render/shards and 50/50 stay; data:image/png;base64,AB+/tmpCD==")
+    public = public_text(text, run)
+    assert public.startswith("model=tiny-sdxl (local-model:") and "dataset label/dataset;" in public
+    assert "render/shards and 50/50 stay" in public and "AB+/tmpCD==" in public
+    assert local_paths_in(public) == []
