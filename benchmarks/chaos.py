@@ -260,7 +260,7 @@ def frozen_code(work: Path) -> Path:
 
 def main() -> None:
     if os.environ.get("SAGE_CHAOS_FROZEN") != "1" and "--live" not in sys.argv:
-        work = next((Path(a) for a, b in zip(sys.argv, sys.argv[1:]) if a == "--work"), None)
+        work = next((Path(b) for a, b in zip(sys.argv, sys.argv[1:]) if a == "--work"), None)
         if work is None:
             work = Path(tempfile.mkdtemp(prefix="sage-chaos-"))
             sys.argv += ["--work", str(work)]
