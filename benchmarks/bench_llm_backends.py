@@ -6,7 +6,7 @@ is how well the backend keeps its window of ``llm.concurrency`` requests full, a
 overhead (validation included). Concurrency 1 is the baseline of the same run.
 
 transformers (``--transformers DIR``): 8 llguidance-constrained greedy requests at batch size 1
-and 8 on CPU: replies/s and generated tokens/s.
+and 8 on CPU: replies/s and generated tokens/s, with ``--decoder`` (default: cached).
 
     python benchmarks/bench_llm_backends.py [--requests 400] [--latency 0.05] [--concurrency 1 8 32 64]
         [--transformers .cache/models/smollm2-135m-instruct]
@@ -83,7 +83,7 @@ def bench_openai(n_requests: int, latency: float, concurrencies: list[int]) -> N
             print(f"  rejects at concurrency {concurrency}: {dict(failures)}")
 
 
-def bench_transformers(model: str, threads: int) -> None:
+def bench_transformers(model: str, threads: int, decoder: str) -> None:
     import torch
 
     torch.set_num_threads(threads)  # more OpenMP threads than free cores makes CPU inference crawl
@@ -94,12 +94,14 @@ def bench_transformers(model: str, threads: int) -> None:
         {"role": "system", "content": "You decide which image categories are unsafe for a user. Answer in JSON."},
         {"role": "user", "content": f"User {i}: age {13 + i}, Christian, anxiety. Which categories are unsafe?"}])
         for i in range(8)]
-    print(f"\n# transformers backend: {model}, greedy, 8 requests, torch threads {torch.get_num_threads()}")
+    print(f"\n# transformers backend: {model}, llm.decoder {decoder}, greedy, 8 requests, "
+          f"torch threads {torch.get_num_threads()}")
     print("| batch size | seconds | replies/s | generated tokens/s | valid |")
     print("|---:|---:|---:|---:|---:|")
     for batch_size in (1, 8):
         config = LLMConfig(backend="transformers", model=model, temperature=0.0, max_new_tokens=64,
-                           batch_size=batch_size, max_attempts=1, device="cpu", dtype="float32")
+                           batch_size=batch_size, max_attempts=1, device="cpu", dtype="float32",
+                           decoder=decoder, threads=threads)
         with TransformersBackend(config) as backend:
             backend.check_ready()
             start = time.perf_counter()
@@ -117,12 +119,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--transformers", default=None, help="model folder: also time the transformers backend")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --transformers")
+    parser.add_argument("--decoder", choices=["cached", "generate"], default="cached",
+                        help="the transformers engine (bench_llm_prefix.py compares the two)")
     parser.add_argument("--skip-openai", action="store_true")
     args = parser.parse_args()
     if not args.skip_openai:
         bench_openai(args.requests, args.latency, args.concurrency)
     if args.transformers:
-        bench_transformers(args.transformers, args.threads)
+        bench_transformers(args.transformers, args.threads, args.decoder)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sage_builder.config import load_config  # noqa: E402
+from sage_builder.config import config_from_dict  # noqa: E402
 from sage_builder.llm.base import LLMRequest  # noqa: E402
 from sage_builder.llm.prefix_decoding import GuidedSampler, make_forward  # noqa: E402
 from sage_builder.llm.transformers_backend import (TransformersBackend, TransportFailure, _reply,  # noqa: E402
@@ -96,6 +96,15 @@ def row_backend(base: TransformersBackend, row: str) -> TransformersBackend:
     return backend
 
 
+def stage2_config(path: Path) -> Any:
+    """The pipeline file's name, seed, categories, llm and prompts sections (the others play no part here)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    keep = {key: data[key] for key in ("name", "seed", "categories", "llm", "prompts") if key in data}
+    return config_from_dict(keep, base_dir=path.resolve().parent, source=str(path))
+
+
 def describe_requests(config: Any, n: int) -> list[tuple[str, str, LLMRequest]]:
     templates = config.prompts.templates
     describe = load_template(templates.concept_describe)
@@ -117,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    config = load_config(args.config)
+    config = stage2_config(Path(args.config))
     llm = config.llm
     n = config.prompts.pairs_per_concept
     unsafe_t = load_template(config.prompts.templates.pair_unsafe)
