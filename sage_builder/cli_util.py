@@ -1,10 +1,8 @@
-"""Helpers every CLI command shares: one-line errors, logging setup."""
+"""Helpers every CLI command shares: one-line errors, logging setup (sage_builder/logs.py)."""
 
 from __future__ import annotations
 
 import functools
-import logging
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,8 +31,7 @@ def handle_errors(func: F) -> F:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpx2", "httpcore2", "urllib3", "filelock", "huggingface_hub", "datasets",
-                  "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Console logging for a command: sage's lines; library warnings and loading bars only with -v."""
+    from sage_builder.logs import setup_console
+
+    setup_console(verbose)

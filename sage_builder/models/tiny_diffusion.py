@@ -71,11 +71,16 @@ def _tiny_unet(**extra: Any) -> Any:
     )
 
 
-def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
-    """A StableDiffusionXLPipeline with ~2 M random parameters (deterministic for a seed)."""
+def build_tiny_sdxl_pipeline(seed: int = 0, clip_tokenizer: Path | None = None) -> Any:
+    """A StableDiffusionXLPipeline with ~2 M random parameters (deterministic for a seed).
+
+    ``clip_tokenizer``: the folder of the real CLIP BPE (``save_clip_tokenizer``), so that prompts are
+    tokenized and cut at 77 tokens exactly as by SDXL (its text encoders then have 49,408 embeddings,
+    ~5 M parameters more); without it, a character tokenizer (77 characters) for in-code tests.
+    """
     import torch
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = _tiny_unet(use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -83,8 +88,11 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
                       cross_attention_dim=64)
     torch.manual_seed(seed + 1)
     vae = _vae()
-    tokenizer = _char_tokenizer()
-    tokenizer_2 = _char_tokenizer()
+    if clip_tokenizer is not None:
+        tokenizer = CLIPTokenizer.from_pretrained(Path(clip_tokenizer) / "tokenizer")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(Path(clip_tokenizer) / "tokenizer_2")
+    else:
+        tokenizer, tokenizer_2 = _char_tokenizer(), _char_tokenizer()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_config(tokenizer, False))
     torch.manual_seed(seed + 3)
@@ -114,22 +122,36 @@ def build_tiny_sd15_pipeline(seed: int = 0) -> Any:
     )
 
 
-def _save(pipeline: Any, out: Path) -> Path:
+def _save(build: Any, out: Path, vocab_size: int | None = None) -> Path:
+    """Save ``build()`` as a pipeline folder, unless one with a tokenizer of ``vocab_size`` is there
+    (a folder from an earlier version, with the character tokenizer, is rebuilt)."""
+    import json
+    import shutil
+
     out = Path(out)
     if (out / "model_index.json").exists():
-        return out
+        saved = out / "tokenizer" / "tokenizer.json"
+        if vocab_size is None or (saved.exists() and len(json.loads(saved.read_text("utf-8"))["model"]["vocab"])
+                                  == vocab_size):
+            return out
+        shutil.rmtree(out)
     tmp = out.with_name(out.name + ".partial")
-    pipeline.save_pretrained(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    build().save_pretrained(tmp)
     tmp.rename(out)
     return out
 
 
-def save_tiny_sdxl(out: Path) -> Path:
-    return _save(build_tiny_sdxl_pipeline(), out)
+CLIP_VOCAB_SIZE = 49408
+
+
+def save_tiny_sdxl(out: Path, clip_tokenizer: Path | None = None) -> Path:
+    return _save(lambda: build_tiny_sdxl_pipeline(clip_tokenizer=clip_tokenizer), out,
+                 CLIP_VOCAB_SIZE if clip_tokenizer is not None else None)
 
 
 def save_tiny_sd15(out: Path) -> Path:
-    return _save(build_tiny_sd15_pipeline(), out)
+    return _save(build_tiny_sd15_pipeline, out)
 
 
 def build_random_sdxl_base(device: str, dtype: Any, vae_dtype: Any = None) -> Any:

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from sage_builder.errors import SageError, StageInputError
+from sage_builder.logs import stage_log, stage_log_path
 from sage_builder.planning import MeasuredCost, llm_usage_cost
-from sage_builder.store import (LOCK_NAME, Manifest, RunDir, StageDir, atomic_write_text, disk_full_cause,
-                                disk_full_error, file_sha256, package_versions, stable_hash, write_parquet)
+from sage_builder.store import (LOCK_NAME, Manifest, RunDir, StageDir, atomic_write_bytes, atomic_write_text,
+                                disk_full_cause, disk_full_error, file_sha256, package_versions, stable_hash,
+                                write_parquet)
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
@@ -40,6 +42,8 @@ class StagePlan:
     llm_calls: int | None = None
     gpu_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    # False where more GPUs do not shorten the wall time (train: they grow the global batch instead).
+    scales_with_gpus: bool = True
 
 
 @dataclass(frozen=True)
@@ -309,25 +313,32 @@ def _run_checked(stage: Stage, config: PipelineConfig, run: RunDir, force: bool,
     saved_config = config_path.read_bytes() if config_path.exists() else None
     files_before, folders_before = _snapshot(run.root)
     existing = stage_dir.read_manifest()
+    log_path = stage_log_path(stage_dir.path, stage.name)
+    log_before = log_path.read_bytes() if log_path.exists() else None
     try:
-        if save_config and not is_worker_rank():
-            from sage_builder.config import dump_config
+        with stage_log(stage_dir.path, stage.name) if not is_worker_rank() else contextlib.nullcontext():
+            if save_config and not is_worker_rank():
+                from sage_builder.config import dump_config
 
-            atomic_write_text(config_path, dump_config(config))
-        if existing is not None and not force and existing.fingerprint == value:
-            problem = stage_dir.output_problem(existing)
-            if problem is None:
-                log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
-                stage.extras(run, config, opts)
-                return existing
-            log.warning("stage %s: %s; rebuilding it from the item cache", stage.name, problem)
-        return _run_and_record(stage, config, run, force, opts, value, inputs, existing)
+                atomic_write_text(config_path, dump_config(config))
+            if existing is not None and not force and existing.fingerprint == value:
+                problem = stage_dir.output_problem(existing)
+                if problem is None:
+                    log.info("stage %s: up to date (%s), skipped", stage.name, stage_dir.path)
+                    stage.extras(run, config, opts)
+                    return existing
+                log.warning("stage %s: %s; rebuilding it from the item cache", stage.name, problem)
+            return _run_and_record(stage, config, run, force, opts, value, inputs, existing)
     except BaseException:
         files_after, folders_after = _snapshot(run.root)
         if existing is not None and not stage_dir.manifest_path.exists() \
                 and stage_dir.output_problem(existing) is None:
             stage_dir.write_manifest(existing)  # its outputs are intact: the stage is still done
-        if not (files_after - files_before - {"config.yaml"}):
+        if not (files_after - files_before - {"config.yaml", str(log_path.relative_to(run.root))}):
+            if log_before is None:
+                log_path.unlink(missing_ok=True)  # nothing was done, so nothing to read in a log
+            else:
+                atomic_write_bytes(log_path, log_before)
             if saved_config is None:
                 config_path.unlink(missing_ok=True)
             elif config_path.exists() and config_path.read_bytes() != saved_config:

@@ -130,13 +130,16 @@ def load_pipeline(config: RenderConfig, device: str) -> Any:
     (eager: the speed levers are applied by ``levers.apply_levers``)."""
     import diffusers
 
+    from sage_builder.logs import quiet_libraries
+
+    quiet_libraries()  # no loading bars or library warnings on the console unless -v
     source, _ = locate_model(config)
     dtype = torch_dtype(config.dtype, device)
     cls = getattr(diffusers, PIPELINE_CLASSES[config.backbone])
     extra: dict[str, Any] = {"add_watermarker": False} if config.backbone == "sdxl" else \
         {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_pretrained(source, revision=config.revision, torch_dtype=dtype,
+        pipe = cls.from_pretrained(source, revision=config.revision, dtype=dtype,
                                    local_files_only=hub_offline() or is_local_path(source), **extra)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -94,7 +94,7 @@ class TrainStage(Stage):
         cfg = config.train
         micro = cfg.max_steps * cfg.gradient_accumulation
         gpu = micro * SDXL_SECONDS_PER_MICRO_BATCH * cfg.batch_size / 2 if cfg.backbone == "sdxl" and cfg.resolution >= 512 else None
-        return StagePlan(items=cfg.max_steps, unit="optimizer steps", gpu_seconds=gpu, notes=[
+        return StagePlan(items=cfg.max_steps, unit="optimizer steps", gpu_seconds=gpu, scales_with_gpus=False, notes=[
             f"{micro} micro-batches of {cfg.batch_size} pairs per GPU ({2 * cfg.batch_size * micro} images per GPU), "
             f"{cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.warmup_steps} warmup), beta {cfg.beta:g}",
             f"GPU-hours assume {SDXL_SECONDS_PER_MICRO_BATCH} s per 2 pairs of a micro-batch (measured on an H200) "

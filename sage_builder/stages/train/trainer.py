@@ -585,10 +585,13 @@ def load_base_pipeline(backbone: str, model: str, revision: str | None = None,
     """The frozen base pipeline (hub id or local folder), offline-friendly."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from sage_builder.logs import quiet_libraries
+
+    quiet_libraries()  # no loading bars or library warnings on the console unless -v
     try:
         if backbone == "sdxl":
-            return StableDiffusionXLPipeline.from_pretrained(model, revision=revision, torch_dtype=dtype)
-        return StableDiffusionPipeline.from_pretrained(model, revision=revision, torch_dtype=dtype,
+            return StableDiffusionXLPipeline.from_pretrained(model, revision=revision, dtype=dtype)
+        return StableDiffusionPipeline.from_pretrained(model, revision=revision, dtype=dtype,
                                                        safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as exc:
         raise SageError(f"train.model {model}: cannot load the {backbone} pipeline "
