@@ -116,9 +116,45 @@ def run_one(
 def _status_rows(run: RunDir, config: PipelineConfig | None, verify: bool = False) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
-    from sage_builder.stages.base import stage_status
+    from sage_builder.stages.base import run_status
 
-    return [asdict(stage_status(stage, config, run, verify=verify)) for stage in all_stages()]
+    return [asdict(status) for status in run_status(config, run, verify=verify)]
+
+
+def _row_groups(rows: dict[str, int]) -> dict[str, int]:
+    """Rows per table, not per file: shards of one config/split are summed (``pairs/train``, ``shards``)."""
+    import re
+
+    groups: dict[str, int] = {}
+    for rel, n in rows.items():
+        name = re.sub(r"^dataset/data/", "", rel)
+        name = re.sub(r"(-\d{5}(-of-\d{5})?)?\.parquet$", "", name)
+        name = re.sub(r"^shards/.*", "shards", name)
+        groups[name] = groups.get(name, 0) + n
+    return groups
+
+
+def _report_lines(report: dict[str, Any], limit: int = 6) -> list[str]:
+    """A stage report as a few `key: value` phrases: scalars as they are, small tables inline, bigger ones
+    counted (``sage status --json`` has all of it)."""
+    phrases = []
+    for key, value in report.items():
+        if key == "warnings":
+            continue
+        if isinstance(value, dict):
+            flat = all(not isinstance(v, (dict, list)) for v in value.values())
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) if flat and len(value) <= 8 else \
+                f"{len(value)} entries"
+        elif isinstance(value, list):
+            text = ", ".join(map(str, value)) if len(value) <= 8 and all(
+                not isinstance(v, (dict, list)) for v in value) else f"{len(value)} items"
+        elif isinstance(value, float):
+            text = f"{value:.4g}"
+        else:
+            text = str(value)
+        phrases.append(f"{key}: {text}")
+    lines = textwrap.wrap("; ".join(phrases), width=72)
+    return lines[:limit] + ([f"... ({len(lines) - limit} more lines: --json)"] if len(lines) > limit else [])
 
 
 @app.command("status")
@@ -134,7 +170,10 @@ def status(
     verify: Annotated[bool, typer.Option(
         "--verify", help="hash every output (default: only files whose size or mtime changed)")] = False,
 ) -> None:
-    """Per stage: done / modified / partial / stale / missing, row counts, outputs and when."""
+    """Per stage: done / dry-run / modified / partial / stale / missing, rows per table, a short report.
+
+    A stage is stale when its config, templates or an input stage changed (the keys are named), or when
+    an input stage is itself not done. --json has every detail (outputs, full reports)."""
     if run_dir_arg is not None and run_dir_opt is not None and run_dir_arg != run_dir_opt:
         raise ConfigError(f"two run directories given ({run_dir_arg} and --run-dir {run_dir_opt}); give one")
     run_dir = run_dir_opt or run_dir_arg or Path("runs/demo")
@@ -156,25 +195,23 @@ def status(
     if as_json:
         typer.echo(json.dumps({"run_dir": str(run.root.resolve()), "stages": rows}, indent=2, default=str))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"sage status {run_dir}")
-    for column in ("#", "stage", "state", "rows", "finished", "seconds", "note"):
-        table.add_column(column)
-    colours = {"done": "green", "modified": "red", "stale": "yellow", "partial": "yellow", "missing": "red"}
+    typer.echo(f"sage status {run_dir}" + (f" (against {config_path})" if config_path else ""))
+    typer.echo(f"{'#':>2} {'stage':<9} {'state':<9} {'finished':<17} {'seconds':>8}")
     for row in rows:
-        finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["finished_at"])) if row["finished_at"] else ""
-        table.add_row(str(row["number"]), row["name"], f"[{colours[row['state']]}]{row['state']}[/]",
-                      ", ".join(f"{Path(k).name}={v}" for k, v in row["rows"].items()), finished,
-                      f"{row['seconds']:.1f}" if row["seconds"] is not None else "", row["reason"])
-    console = Console()
-    console.print(table)
-    for row in rows:
-        if row["report"]:
-            console.print(f"[bold]{row['name']}[/]: " + json.dumps(row["report"], default=str)[:2000])
+        finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["finished_at"])) if row["finished_at"] else "-"
+        seconds = f"{row['seconds']:.1f}" if row["seconds"] is not None else "-"
+        typer.echo(f"{row['number']:>2} {row['name']:<9} {row['state']:<9} {finished:<17} {seconds:>8}")
+        detail = []
+        if row["rows"]:
+            detail += textwrap.wrap("rows: " + ", ".join(f"{k} {v}" for k, v in _row_groups(row["rows"]).items()),
+                                    width=74, subsequent_indent="  ")
+        if row["reason"]:
+            detail += textwrap.wrap(row["reason"], width=74, subsequent_indent="  ")
+        detail += _report_lines(row["report"] or {})
         for warning in (row["report"] or {}).get("warnings") or []:
-            console.print(f"[bold yellow]{row['name']} warning[/]: {warning}", soft_wrap=True)
+            detail += textwrap.wrap(f"warning: {warning}", width=74, subsequent_indent="  ")
+        for line in detail:
+            typer.echo(f"     {line}")
 
 
 @app.command("plan")

@@ -54,6 +54,11 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+def canonical(obj: Any) -> Any:
+    """``obj`` as the plain JSON data its hash is taken of."""
+    return _canonical(obj)
+
+
 def stable_hash(*parts: Any, length: int = 64) -> str:
     """sha256 of the canonical JSON of ``parts`` (dict order and int/float spelling ignored)."""
     payload = json.dumps(_canonical(list(parts)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -125,6 +130,8 @@ class Manifest(BaseModel):
     finished_at: float = 0.0
     seconds: float = 0.0
     stats: dict[str, Any] = Field(default_factory=dict, description="stage-specific figures (reports, counts)")
+    config: dict[str, Any] = Field(default_factory=dict, description="the config section as hashed (execution-only "
+                                   "keys left out): `sage status` names the keys that changed since")
 
     def content_hash(self) -> str:
         """Hash downstream stages record as their input: what was produced, not when."""

@@ -8,6 +8,7 @@ A stage says *what* it computes (``run``) and what determines its output (``fing
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from sage_builder.errors import SageError, StageInputError
 from sage_builder.logs import stage_log, stage_log_path
 from sage_builder.planning import MeasuredCost, llm_usage_cost
 from sage_builder.store import (LOCK_NAME, Manifest, RunDir, StageDir, atomic_write_bytes, atomic_write_text,
-                                disk_full_cause, disk_full_error, file_sha256, package_versions, stable_hash,
+                                canonical, disk_full_cause, disk_full_error, file_sha256, package_versions, stable_hash,
                                 write_parquet)
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def fingerprint(stage: Stage, config: PipelineConfig, run: RunDir) -> tuple[str,
 class StageStatus:
     name: str
     number: int
-    state: str  # done | modified | stale | partial | missing
+    state: str  # done | dry-run | modified | stale | partial | missing
     rows: dict[str, int]
     outputs: list[str]
     manifest_hash: str | None
@@ -199,7 +200,9 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir, verif
             except Exception as exc:  # noqa: BLE001 - status must describe, never crash
                 current, reason = None, str(exc)
             if current != manifest.fingerprint:
-                state, reason = "stale", reason or "configuration or templates changed"
+                state, reason = "stale", reason or what_changed(stage, config, manifest)
+    if state == "done" and manifest.stats.get("dry_run"):
+        state, reason = "dry-run", "a dry run: nothing was pushed (set publish.repo_id to publish)"
     try:
         report = stage.report(stage_dir, manifest)
     except Exception as exc:  # noqa: BLE001
@@ -207,6 +210,54 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir, verif
     return StageStatus(stage.name, stage.number, state, manifest.rows,
                        [str(stage_dir.file(rel)) for rel in manifest.outputs], manifest.content_hash(),
                        manifest.finished_at, manifest.seconds, reason, report)
+
+
+def section_data(stage: Stage, config: PipelineConfig) -> dict[str, Any]:
+    """The stage's config section as plain data, as it is hashed (recorded in the manifest)."""
+    data = canonical(stage.config_section(config))
+    return data if isinstance(data, dict) else {"value": data}
+
+
+def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for key in sorted(set(old) | set(new), key=str)
+                for c in _changed_keys(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [] if old == new else [f"{prefix} {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def what_changed(stage: Stage, config: PipelineConfig, manifest: Manifest) -> str:
+    """Why the fingerprint moved, as specific as the manifest allows: config keys, templates, models."""
+    changes = _changed_keys(manifest.config, section_data(stage, config), stage.name) if manifest.config else []
+    changes += [f"template {name} edited" for name, digest in template_hashes(stage, config).items()
+                if manifest.templates.get(name) not in (None, digest)]
+    if canonical(stage.model_ids(config)) != canonical(manifest.models) and manifest.models:
+        changes.append("a model changed")
+    if not changes:
+        return "configuration or templates changed" if not manifest.config else \
+            "seed, categories or another setting outside the section changed"
+    more = f" (+{len(changes) - 3} more, see --json)" if len(changes) > 3 else ""
+    return "changed since it ran: " + "; ".join(changes[:3]) + more
+
+
+def run_status(config: PipelineConfig | None, run: RunDir, verify: bool = False) -> list[StageStatus]:
+    """Every stage's status, with staleness carried downstream: a stage whose input stage is not done
+    (stale, modified, partial, missing) is not done either, whatever its own manifest says."""
+    from sage_builder.stages import all_stages
+
+    rows: dict[str, StageStatus] = {}
+    for stage in all_stages():
+        status = stage_status(stage, config, run, verify=verify)
+        behind = [name for name in stage.inputs if rows[name].state not in ("done", "dry-run")]
+        if status.state in ("done", "dry-run") and behind:
+            status.state = "stale"
+            status.reason = f"input stage '{behind[0]}' is {rows[behind[0]].state}; rerun it, then this stage"
+        rows[stage.name] = status
+    return list(rows.values())
 
 
 def stage_options(stage: Stage, options: StageOptions | dict[str, Any] | None) -> StageOptions:
@@ -377,6 +428,7 @@ def _run_and_record(stage: Stage, config: PipelineConfig, run: RunDir, force: bo
         finished_at=finished,
         seconds=round(finished - started, 3),
         stats=ctx.stats,
+        config=section_data(stage, config),
     )
     if is_worker_rank():
         return manifest  # rank 0 records the stage (its outputs are complete)
