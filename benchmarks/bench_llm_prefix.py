@@ -40,14 +40,18 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sage_builder.config import config_from_dict  # noqa: E402
-from sage_builder.llm.base import LLMRequest  # noqa: E402
-from sage_builder.llm.prefix_decoding import GuidedSampler, make_forward  # noqa: E402
-from sage_builder.llm.transformers_backend import (TransformersBackend, TransportFailure, _reply,  # noqa: E402
-                                                   _set_cpu_threads)
-from sage_builder.stages.prompts.concepts import load_seeds  # noqa: E402
-from sage_builder.stages.prompts.schemas import ConceptDescription, ImagePrompt  # noqa: E402
-from sage_builder.templates import load_template  # noqa: E402
+from sage_builder.config import config_from_dict
+from sage_builder.llm.base import LLMRequest
+from sage_builder.llm.prefix_decoding import GuidedSampler, make_forward
+from sage_builder.llm.transformers_backend import (
+    TransformersBackend,
+    TransportFailure,
+    _reply,
+    _set_cpu_threads,
+)
+from sage_builder.stages.prompts.concepts import load_seeds
+from sage_builder.stages.prompts.schemas import ConceptDescription, ImagePrompt
+from sage_builder.templates import load_template
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_STAGE2_REQUESTS = 282
@@ -89,8 +93,8 @@ def row_backend(base: TransformersBackend, row: str) -> TransformersBackend:
         update["batch_size"] = 16
     backend = (SamplerInGenerate if row == "+sampler" else TransformersBackend)(base.config.model_copy(update=update))
     backend.model, backend.tokenizer, backend.device = base.model, base.tokenizer, base.device
-    backend._ll_tokenizer = base._ll_tokenizer  # noqa: SLF001 - benchmark wiring
-    backend._forward = make_forward(base.model) if decoder == "cached" else None  # noqa: SLF001
+    backend._ll_tokenizer = base._ll_tokenizer
+    backend._forward = make_forward(base.model) if decoder == "cached" else None
     if row == "+cache":
         backend.prefix_store = None
     return backend
@@ -138,7 +142,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} at start; python {platform.python_version()}")
     base = TransformersBackend(llm.model_copy(update={"threads": args.threads, "max_attempts": 1}))
     base.check_ready()
-    base._matcher(described[0][2])  # noqa: SLF001 - builds the llguidance tokenizer once, untimed
+    base._matcher(described[0][2])
     torch.set_num_threads(os.cpu_count() or 1)  # the auto choice is capped by the current setting
     auto_threads = _set_cpu_threads(None)
     print(f"# threads: {args.threads} for every row, +threads: {auto_threads} (picked from idle cores now)")

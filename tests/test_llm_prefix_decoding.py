@@ -5,17 +5,23 @@ prefix store held before and of the process they ran in."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_llm_transformers import Ban, backend
 
 from sage_builder.llm.base import LLMRequest
-from sage_builder.llm.prefix_decoding import (GuidedSampler, PrefixStore, common_prefix_length, make_forward,
-                                              prefill)
+from sage_builder.llm.prefix_decoding import (
+    GuidedSampler,
+    PrefixStore,
+    common_prefix_length,
+    make_forward,
+    prefill,
+)
 from sage_builder.testing.tiny_llm import save_tiny_llama
-from test_llm_transformers import Ban, backend
 
 # A long shared system message: the chunk's common prefix spans several PREFIX_BLOCK blocks.
 SYSTEM = ("You are a careful assistant for a safety dataset. Answer with one JSON object that follows the schema. "
@@ -87,7 +93,7 @@ def test_replies_are_byte_identical_in_a_new_process(tiny_llama):
         f"print(json.dumps(replies({str(tiny_llama)!r}, shared_requests(6))[0]))\n")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                         check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here
 
@@ -149,7 +155,7 @@ def test_smollm2_demo_template_greedy_equals_generate(smollm2_dir):
                 ("Propaganda", "war poster"), ("Harassment", "cyberbullying"), ("Self-Harm", "cutting")]
     requests = [LLMRequest(f"p{i}", template.render(category=c, concept=k, description="no description", idx=1, n=2),
                            ImagePrompt) for i, (c, k) in enumerate(concepts)]
-    settings = dict(temperature=0.0, max_new_tokens=96, batch_size=6, threads=1)
+    settings = {"temperature": 0.0, "max_new_tokens": 96, "batch_size": 6, "threads": 1}
     cached, usage = replies(smollm2_dir, requests, decoder="cached", **settings)
     generated, _ = replies(smollm2_dir, requests, decoder="generate", **settings)
     assert usage["prefix_tokens_computed"] >= 160  # the template's system message and worked example

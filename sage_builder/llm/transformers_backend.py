@@ -39,8 +39,15 @@ from typing import Any
 
 from sage_builder.errors import SageError
 from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
-from sage_builder.llm.prefix_decoding import (GuidedSampler, PrefixStore, RowOutcome, decode_batch,
-                                               make_forward, supports_cached_decoding, unpack_bitmask)
+from sage_builder.llm.prefix_decoding import (
+    GuidedSampler,
+    PrefixStore,
+    RowOutcome,
+    decode_batch,
+    make_forward,
+    supports_cached_decoding,
+    unpack_bitmask,
+)
 from sage_builder.runtime import hub_offline, is_local_path, resolve_device, torch_dtype
 
 log = logging.getLogger("sage.llm.transformers")
