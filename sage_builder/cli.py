@@ -66,7 +66,10 @@ def run_all(
     overrides: SetOpt = None,
     until: Annotated[Optional[str], typer.Option(help="stop after this stage (name or number)")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="stages to leave out (name or number)")] = None,
-    force: Annotated[bool, typer.Option(help="recompute even if up to date (drops item caches)")] = False,
+    force: Annotated[bool, typer.Option(
+        help="recompute every stage even if up to date (drops item caches and checkpoints)")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="with --force: do not ask before dropping the caches "
+                                                          "of more than one stage")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run every stage in order; finished stages whose inputs and config are unchanged are skipped."""
@@ -76,6 +79,9 @@ def run_all(
     last = get_stage(until).name if until else STAGE_ORDER[-1]
     skipped = {get_stage(s).name for s in skip or []}
     config, run = _prepare_run(config_path, run_dir, overrides)
+    if force and not yes:
+        stages = STAGE_ORDER[:STAGE_ORDER.index(last) + 1]
+        _confirm_force(run, [get_stage(name) for name in stages if name not in skipped])
     created = not run.root.exists()
     try:
         with run.lock():  # held across the stages: a second run on this directory stops at once
@@ -90,6 +96,29 @@ def run_all(
                 run.root.rmdir()  # only if nothing was written
 
 
+def _confirm_force(run: RunDir, stages: list[Any]) -> None:
+    """Before `run --force` deletes what more than one stage would resume from (hours of GPU work at
+    full size): ask on a terminal; elsewhere (CI, no stdin) refuse in one line, before anything is written."""
+    import sys
+
+    cached = {}
+    for stage in stages:
+        folders = [run.stage(stage.name).path / f for f in stage.resume_state]
+        size = sum(p.stat().st_size for f in folders if f.exists() for p in f.rglob("*") if p.is_file())
+        if size:
+            cached[stage.name] = size
+    if len(cached) <= 1:
+        return
+    what = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in cached.items())
+    if sys.stdin.isatty():
+        if typer.confirm(f"--force deletes the item caches and checkpoints of {len(cached)} stages ({what}); "
+                         "continue?", default=False, err=True):
+            return
+        raise typer.Exit(1)
+    raise ConfigError(f"--force would delete the item caches of {len(cached)} stages in {run.root} ({what}); pass "
+                      f"--yes to confirm, or force one stage with `sage stage NAME --force`")
+
+
 @app.command("stage")
 @handle_errors
 def run_one(
@@ -98,7 +127,8 @@ def run_one(
     config_path: ConfigOpt = DEFAULT_PIPELINE,
     run_dir: RunOpt = Path("runs/demo"),
     overrides: SetOpt = None,
-    force: Annotated[bool, typer.Option(help="recompute even if up to date (drops item caches)")] = False,
+    force: Annotated[bool, typer.Option(
+        help="recompute even if up to date: drops the stage's item caches (train: its checkpoints too)")] = False,
     contact_sheet: Annotated[int, typer.Option(
         help="render: also write a PNG grid of N pairs (content warning in its name)")] = 0,
     verbose: VerboseOpt = False,

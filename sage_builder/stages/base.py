@@ -95,6 +95,8 @@ class Stage(ABC):
     # Whether the stage sends LLM requests: its plan counts ``llm_calls``, its manifest ``llm_usage``.
     uses_llm: ClassVar[bool] = False
     options_type: ClassVar[type[StageOptions]] = StageOptions
+    # Folders of the stage dir a rerun resumes from; `--force` deletes them (after every check).
+    resume_state: ClassVar[tuple[str, ...]] = ("_items",)
 
     @property
     def number(self) -> int:
@@ -120,6 +122,11 @@ class Stage(ABC):
 
     def check(self, config: PipelineConfig, run: RunDir) -> None:
         """Reject bad input before anything is written (raise SageError with a one-line message)."""
+
+    def resume_problem(self, config: PipelineConfig, run: RunDir) -> str | None:
+        """Why this config cannot resume the stage's saved state (e.g. a checkpoint of another config),
+        asked before anything is written; None when it can. ``--force`` skips it (it starts over)."""
+        return None
 
     def plan(self, config: PipelineConfig) -> StagePlan:
         return StagePlan(items=0)
@@ -289,6 +296,9 @@ def run_stage(stage: Stage, config: PipelineConfig, run: RunDir, force: bool = F
         stage.check(config, run)
     verify_inputs(stage, run)
     value, inputs = fingerprint(stage, config, run)
+    problem = None if force else stage.resume_problem(config, run)
+    if problem:
+        raise StageInputError(problem)
     if is_worker_rank():
         return _run_checked(stage, config, run, force, opts, value, inputs, save_config)
     created_root = not run.root.exists()
@@ -406,7 +416,8 @@ def _run_and_record(stage: Stage, config: PipelineConfig, run: RunDir, force: bo
     if existing is not None:
         stage_dir.invalidate()
     if force:
-        shutil.rmtree(stage_dir.path / "_items", ignore_errors=True)
+        for folder in stage.resume_state:
+            shutil.rmtree(stage_dir.path / folder, ignore_errors=True)
     started = time.time()
     ctx = StageContext(config=config, run=run, stage_dir=stage_dir, options=opts)
     ctx.models = stage.model_ids(config)

@@ -68,10 +68,31 @@ def adapter_lineage(run: RunDir, label: Manifest) -> dict[str, dict[str, str]]:
     return out
 
 
+def resume_fingerprint(config: PipelineConfig, run: RunDir) -> str:
+    """What a checkpoint must match to be resumed: the train section and the exact input data."""
+    cfg = config.train
+    data = cfg.dataset or run.manifest_of("label", needed_by="train").content_hash()
+    return stable_hash(cfg, data)
+
+
 class TrainStage(Stage):
     name = "train"
     inputs = ("label",)
     summary = "user adapter trained with Diffusion-DPO; levels x prompts grid"
+    # --force starts over: no item parts and no checkpoint to resume from.
+    resume_state = ("_items", "checkpoints")
+
+    def resume_problem(self, config: PipelineConfig, run: RunDir) -> str | None:
+        from sage_builder.stages.train.trainer import CHECKPOINT_PREFIX
+
+        folder = run.stage(self.name).file("checkpoints")
+        found = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer.json").exists()) \
+            if folder.exists() and config.train.resume else []
+        if found and json.loads((found[-1] / "trainer.json").read_text()).get("fingerprint") \
+                != resume_fingerprint(config, run):
+            return (f"{found[-1]}: checkpoint made with another train config or dataset; restore that config, "
+                    f"or start over with `{run.stage_command(self.name, '--force')}`")
+        return None
 
     def model_ids(self, config: PipelineConfig) -> dict[str, dict[str, Any]]:
         return {"base": {"id": config.train.model, "revision": config.train.revision,
@@ -115,8 +136,7 @@ class TrainStage(Stage):
         if not cfg.dataset:
             verify_label_dataset(ctx.run, ctx.input("label"))
         data = load_preference_data(source, [cfg.train_split], optional=[cfg.eval_split] if cfg.eval_split else [])
-        # What a checkpoint must match to be resumed: the train section and the exact input data.
-        fingerprint = stable_hash(cfg, ctx.input("label").content_hash() if not cfg.dataset else cfg.dataset)
+        fingerprint = resume_fingerprint(config, ctx.run)
         trainer = AdapterTrainer(cfg, data, ctx.stage_dir.path, fingerprint,
                                  lambda dtype: load_base_pipeline(cfg.backbone, cfg.model, cfg.revision, dtype),
                                  cfg.model)
