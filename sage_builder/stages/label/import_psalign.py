@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from sage_builder.errors import SageError, StageInputError
 from sage_builder.progress import progress
+from sage_builder.schemas import profiles_schema
 from sage_builder.stages.label.assign import RECORD_SPLITS, choose, uses_test_index
 from sage_builder.stages.label.card import generated_blocks, render_card
 from sage_builder.stages.label.dataset import (
@@ -67,17 +68,6 @@ BATCH_RECORDS = 4096
 IMPORTED_NAME = "Sage (imported from the psalign layout)"
 PAIR_BATCH = 256
 USER_BATCH = 64
-
-
-def users_schema(dim: int) -> pa.Schema:
-    """Stage 1's ``profiles.parquet`` columns (the ``users`` config holds them as they are)."""
-    return pa.schema([
-        ("user_id", pa.string()), ("age", pa.int64()), ("age_group", pa.string()), ("gender", pa.string()),
-        ("religion", pa.string()), ("physical_condition", pa.string()), ("mental_condition", pa.string()),
-        ("banned", pa.list_(pa.string())), ("allowed", pa.list_(pa.string())), ("labeller", pa.string()),
-        ("embedding", pa.list_(pa.float32(), dim)), ("cluster_id", pa.int64()), ("level", pa.int64()),
-        ("split", pa.string()), ("test_seen", pa.bool_()),
-    ])
 
 
 @dataclass
@@ -317,7 +307,7 @@ class PsalignImport:
         return table.add_column(at, schema.field("embedding"), column)
 
     def _write_users(self, root: Path, shard_rows: int) -> SplitWriter:
-        schema = users_schema(self.dim)
+        schema = profiles_schema(self.dim)
         writer = SplitWriter(root, "users", SINGLE_SPLIT, schema, len(self.users), shard_rows)
         rows: list[dict[str, Any]] = []
         for user in self.users.values():

@@ -32,6 +32,7 @@ from sage_builder.config import PipelineConfig, hashable_dump
 from sage_builder.errors import ConfigError, SageError
 from sage_builder.executors import make_stage_backend
 from sage_builder.llm.factory import make_backend
+from sage_builder.schemas import profiles_schema
 from sage_builder.stages.base import Stage, StageContext, StagePlan
 from sage_builder.stages.profiles import clustering, embedding, labelling
 from sage_builder.stages.profiles.demographics import (
@@ -49,16 +50,6 @@ REJECT_SCHEMA = pa.schema([("user_id", pa.string()), ("item_key", pa.string()), 
                            ("errors", pa.list_(pa.string())), ("raw", pa.string()), ("attempts", pa.int64())])
 BAN_TEMPLATE_VARS = {"user", "categories"}
 ENFORCED_TEMPLATE_VARS = {"user", "rules", "decided", "categories"}
-
-
-def profiles_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("user_id", pa.string()), ("age", pa.int64()), ("age_group", pa.string()), ("gender", pa.string()),
-        ("religion", pa.string()), ("physical_condition", pa.string()), ("mental_condition", pa.string()),
-        ("banned", pa.list_(pa.string())), ("allowed", pa.list_(pa.string())), ("labeller", pa.string()),
-        ("embedding", pa.list_(pa.float32(), dim)), ("cluster_id", pa.int64()), ("level", pa.int64()),
-        ("split", pa.string()), ("test_seen", pa.bool_()),
-    ])
 
 
 def _config_source(config: PipelineConfig) -> str:
