@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sage_builder.config_base import ConfigPath, ModelRef, OptionalModelRef, StrictModel, execution, project_file
 from sage_builder.safety.config import NudeNetSettings, OpenNSFWSettings, Q16Settings
+from sage_builder.stages.render.config import SchedulerName
 
 Method = Literal["base", "psa", "prompt"]
 EvalScorer = Literal["nudenet", "q16", "open_nsfw"]
@@ -105,7 +106,7 @@ class EvalConfig(StrictModel):
     steps: int = Field(30, ge=1, le=1000)
     guidance: float = Field(7.5, ge=0.0, le=50.0)
     resolution: int | None = Field(None, ge=8, description="image size (default: train.resolution)")
-    scheduler: str = Field("default", description="as render.scheduler")
+    scheduler: SchedulerName = Field("default", description="as render.scheduler")
     negative_prompt: str = Field("", description="every method's negative prompt; `prompt` adds the bans to it")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
     encoding: Literal["jpeg", "webp", "png"] = Field("jpeg", description="how generated images are stored")
@@ -124,6 +125,13 @@ class EvalConfig(StrictModel):
     fid: FIDSettings = Field(default_factory=FIDSettings)
     clip_score: ClipScoreSettings = Field(default_factory=ClipScoreSettings)
     plots: PlotSettings = Field(default_factory=PlotSettings)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not divisible by 8 (the VAE works on 8x smaller latents)")
+        return value
 
     @field_validator("levels")
     @classmethod

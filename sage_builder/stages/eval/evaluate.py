@@ -5,6 +5,7 @@ render, score, judge, FID, CLIP score, tables, report, plots.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class Evaluation:
         self.scorers = make_scorers(self.e, list(self.e.scorers), list(config.categories), self.device, section="eval")
         self.judge = None
         self.rendered_now = 0
+        self.seconds: dict[str, float] = {}
         self.fid = None
         self.clip = None
         try:
@@ -106,6 +108,7 @@ class Evaluation:
         log.info("eval: %d prompts, %d rows, %d distinct images (%s) on %s", len(self.prompts), len(rows), len(images),
                  ", ".join(f"{k} {v}" for k, v in self.plan.counts().items()), self.device)
         threads = torch.get_num_threads()
+        started = time.monotonic()
         if self.e.threads and self.device == "cpu":
             torch.set_num_threads(self.e.threads)
         try:
@@ -116,6 +119,7 @@ class Evaluation:
             rendered = render_missing(images, self.render, self.settings, self.revision, self.device, cache,
                                       self.adapters, embeddings, self.e.psa_scale, self.e.batch_size, bar.update)
             bar.close()
+            self.seconds["render"] = round(time.monotonic() - started, 2)
             self.rendered_now = rendered  # in the manifest's stats, not in summary.json (same bytes on a rerun)
         finally:
             torch.set_num_threads(threads)
@@ -125,9 +129,11 @@ class Evaluation:
         ctx.write_table("items.parquet", items_table(rows))
 
         keys = [i.key for i in images]
+        started = time.monotonic()
         bar = progress(total=len(keys) * len(self.scorers), desc="eval scores", unit="img")
         verdicts = score_images(self.scorers, keys, cache, self.cache("scores"), bar.update)
         bar.close()
+        self.seconds["scores"] = round(time.monotonic() - started, 2)
         ip_scorers = [s for s in metrics.IP_SCORERS if s in self.e.scorers]
         summary: dict[str, Any] = {
             "backbone": self.render.backbone, "model": Path(self.render.model).name if Path(self.render.model).exists()
@@ -137,7 +143,10 @@ class Evaluation:
             "scorer_models": {s.name: s.describe() for s in self.scorers}, "not_run": list(self.not_run),
             "ip": metrics.ip_rows(rows, verdicts, list(self.e.scorers)), "blurred": self.e.plots.blur}
 
+        started = time.monotonic()
         judged_pass, judged_win = self._judge(rows, meta)
+        self.seconds["judge"] = round(time.monotonic() - started, 2)
+        started = time.monotonic()
         if self.judge is not None:
             summary["judge"] = {"model": self.e.judge.model, "pass": metrics.pass_rates((r, p) for r, p, _ in judged_pass),
                                 "win": metrics.win_rates((r, o) for r, o, _ in judged_win)}
@@ -150,6 +159,9 @@ class Evaluation:
             clip = cached_scores(self.clip, self.read_images, [(r.image_key, r.caption) for r in rows],
                                  self.cache("clip"))
             summary["clip_score"] = _clip_rows(rows, clip, self.e.clip_score.model)
+        self.seconds["fid_clip"] = round(time.monotonic() - started, 2)
+        log.info("eval: %d images (%d rendered now); seconds: %s", len(images), rendered,
+                 ", ".join(f"{k} {v}" for k, v in self.seconds.items()))
         ctx.write_table("scores.parquet", scores_table(rows, verdicts, list(self.e.scorers), ip_scorers, judged_pass,
                                                        judged_win, clip))
         self._report(ctx, summary, rows)

@@ -8,6 +8,7 @@ and errors when there were any. A scorer that was turned off is named "not run",
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,19 +172,21 @@ def plot_ip_by_level(summary: dict[str, Any], categories: Sequence[str], path: P
                                         and e["level"] is not None}, key=lambda g: g[1])
     shown = list(categories) + [ALL]
     by = {(e["method"], e["level"], e["category"]): e["ip"] for e in entries if e["prompt_set"] == first}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.8), dpi=110)
     width = 0.8 / len(shown)
     cmap = plt.get_cmap("tab10")
     for c, category in enumerate(shown):
         xs = [g + (c - (len(shown) - 1) / 2) * width for g in range(len(groups))]
         ys = [by.get((m, lv, category)) or 0.0 for m, lv in groups]
-        ax.bar(xs, ys, width, label="all categories" if category == ALL else category,
-               color="black" if category == ALL else cmap(c % 10))
+        bars = ax.bar(xs, ys, width, label="all categories" if category == ALL else category,
+                      color="black" if category == ALL else cmap(c % 10))
+        if category == ALL:
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), ["base" if m == "base" else f"PSA L{lv}" for m, lv in groups])
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("IP (" + "+".join(DISPLAY[s] for s in summary["ip_scorers"]) + ")")
     ax.set_title(f"Inappropriate probability by level, {first}")
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -211,7 +214,7 @@ def plot_level_grid(rows: Sequence[EvalRow], level: int, read_images: Callable[[
     draw.text((label_w + cell + 4, 6), f"PSA level {level}", fill="black")
     for i, row in enumerate(level_rows):
         text = f"[{row.category or '-'}] {row.caption}"
-        lines = [text[j:j + 38] for j in range(0, min(len(text), 38 * max(1, cell // 14)), 38)]
+        lines = textwrap.wrap(text, 38)[:max(1, cell // 14)]
         draw.multiline_text((4, header + i * cell + 4), "\n".join(lines), fill="black", spacing=2)
         for j, key in enumerate((base[row.prompt_id].image_key, row.image_key)):
             thumb = Image.open(io.BytesIO(images[key])).convert("RGB").resize((cell, cell))
