@@ -135,3 +135,52 @@ def test_missing_fid_weights_are_one_line(tmp_path):
     with pytest.raises(StageInputError) as info:
         locate_weights(tmp_path / "nope.pt")
     assert "\n" not in str(info.value) and "eval.fid.weights" in str(info.value) and "FID: not run" in str(info.value)
+
+
+def test_clip_score_loads_a_clip_folder_and_is_cached(tmp_path, models_dir):
+    """A tiny random CLIPModel with the real CLIP BPE tokenizer, saved as a folder: CLIP score is
+    100 x max(cos, 0) of its image and text features, and is computed once per (image, caption)."""
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from sage_builder.safety.q16 import image_processor_class
+    from sage_builder.stages.eval.clip_score import ClipScorer, cached_scores
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models_dir / "clip-tokenizer" / "tokenizer"))
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                           num_hidden_layers=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    folder = tmp_path / "clip"
+    CLIPModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor_class()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+    scorer = ClipScorer(str(folder), None, "cpu", batch_size=2)
+    images = {"a": png(30), "b": png(200), "c": png(120)}
+    items = [("a", "a red door"), ("b", "a red door"), ("c", "a quiet street at night")]
+    values = scorer.scores([images[k] for k, _ in items], [c for _, c in items])
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = scorer.processor(images=[to_pil(images["a"])], return_tensors="pt")["pixel_values"]
+    tokens = tokenizer(["a red door"], return_tensors="pt")
+    with torch.inference_mode():
+        image = model.get_image_features(pixel_values=pixels)
+        text = model.get_text_features(**tokens)
+        image, text = getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
+        expected = 100 * max(float(torch.nn.functional.cosine_similarity(image, text)[0]), 0.0)
+    assert values[0] == pytest.approx(expected, abs=1e-3) and all(0 <= v <= 100 for v in values)
+
+    cache = ItemCache(tmp_path / "clip-cache")
+    reads = []
+
+    def read(keys):
+        reads.extend(keys)
+        return {k: images[k] for k in keys}
+
+    first = cached_scores(scorer, read, items, cache)
+    assert set(first) == set(items) and first[items[0]] == pytest.approx(values[0], abs=1e-3)
+    reads.clear()
+    assert cached_scores(scorer, read, items, cache) == first and reads == []
