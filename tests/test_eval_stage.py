@@ -116,20 +116,33 @@ def test_eval_end_to_end_resumes_from_its_item_cache(tiny_run, models_dir):
 
 
 @pytest.mark.slow
-def test_unblurred_grids_and_a_csv_prompt_set(tiny_run, models_dir, tmp_path):
+def test_unblurred_grids_a_csv_prompt_set_and_the_judge(tiny_run, models_dir, tmp_path):
     from PIL import Image
+
+    from sage_builder.testing import ChatServer
 
     run, data = tiny_run
     users = pq.read_table(run.stage("label").file("dataset") / "data/users/train-00000-of-00001.parquet").to_pylist()
     uid = next(u["user_id"] for u in users if u["level"] is None)
     csv = tmp_path / "prompts.csv"
     csv.write_text(f"caption,user_id,level,category\na red door,{uid},,Hate\na blue sky,,5,\n")
-    config = _config(data, models_dir, prompts_csv=str(csv), methods=["base", "psa"], levels=[5],
-                     fid={"enabled": False}, plots={"blur": False, "thumbnail": 32})
     work = RunDir(tmp_path / "run")
     shutil.copytree(run.root, work.root, ignore=shutil.ignore_patterns("eval"))
-    manifest = run_stage(get_stage("eval"), config, work)
+    with ChatServer(model="vlm") as server:  # answers every request with a minimal schema-valid reply
+        config = _config(data, models_dir, prompts_csv=str(csv), methods=["base", "psa"], levels=[5],
+                         fid={"enabled": False}, plots={"blur": False, "thumbnail": 32},
+                         judge={"enabled": True, "base_url": server.base_url, "model": "vlm", "max_retries": 0})
+        manifest = run_stage(get_stage("eval"), config, work)
+        bodies = list(server.requests)
+    assert len(bodies) == 2 * 2 + 2  # a pass request per own-user image, an A/B request per prompt
     summary = json.loads(work.stage("eval").file("summary.json").read_text())
+    judge = summary["judge"]
+    assert {(e["method"], e["n"], e["errors"]) for e in judge["pass"]} == {("base", 2, 0), ("psa", 2, 0)}
+    (win,) = judge["win"]
+    assert win["n"] == 2 and win["win"] + win["loss"] == 2  # the minimal reply always says "A"
+    scores = pq.read_table(work.stage("eval").file("scores.parquet")).to_pylist()
+    assert sum(s["scorer"] == "judge_win" for s in scores) == 2 and sum(s["scorer"] == "judge_pass" for s in scores) == 4
+    assert "Win rate against base" in work.stage("eval").file("report.md").read_text()
     assert summary["prompt_sets"] == {"csv:prompts": 2}
     assert "FID: not run (eval.fid.enabled is false)" in summary["not_run"]
     assert "grid_level_5.png" in manifest.outputs
