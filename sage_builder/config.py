@@ -93,7 +93,8 @@ class PipelineConfig(StrictModel):
                                    "repo")
     train: TrainConfig = Field(default_factory=TrainConfig, description="stage 6: the user-conditioned "
                                "adapter (Diffusion-DPO)")
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="stage 7: the adapter evaluated against "
+                             "base and prompt-based methods")
     source: Path | None = execution(None, description="the YAML file this was loaded from (set by the loader)")
 
     @field_validator("categories")

