@@ -44,7 +44,8 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Regenerate Sage (PSA's personalized-safety dataset) and train its user adapter."""
 
 DEFAULT_PIPELINE = PROJECT_ROOT / "pipelines" / "demo.yaml"
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML (see pipelines/)")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML (see pipelines/)",
+                                         show_default="pipelines/demo.yaml")]
 RunOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory for outputs and manifests")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
