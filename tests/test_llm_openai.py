@@ -199,3 +199,12 @@ def test_openai_host_gets_no_vllm_fields():
     cfg = LLMConfig(backend="openai", model="gpt-4o-mini", base_url="https://api.openai.com/v1")
     body = OpenAIBackend(cfg).request_body(request(), 5)
     assert "extra_body" not in body and body["response_format"]["type"] == "json_schema"
+
+
+def test_a_request_temperature_is_sent_instead_of_llm_temperature():
+    with ChatServer(script=lambda req, n: GOOD) as server:
+        req = request()
+        own = LLMRequest(req.key, req.messages, req.schema, check=req.check, temperature=1.3)
+        result, _ = run_one(config(server), own)
+        assert result.ok
+        assert server.requests[0]["temperature"] == 1.3

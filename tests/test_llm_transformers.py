@@ -119,3 +119,27 @@ def test_same_named_schemas_with_other_enums_get_their_own_grammar(tiny_llama):
     assert all(r.ok for r in results), [r.errors for r in results]
     by_key = {r.key: r.value for r in results}
     assert set(by_key["b"].forbidden) == {"Weather"} and set(by_key["a"].forbidden) <= {"Hate", "Violence"}
+
+
+@pytest.mark.parametrize("decoder", ["cached", "generate"])
+def test_a_request_temperature_overrides_llm_temperature(tiny_llama, decoder):
+    greedy_requests = [LLMRequest(r.key, r.messages, r.schema, temperature=0.0) for r in requests(4)]
+    with backend(tiny_llama, temperature=0.0, seed=1, decoder=decoder) as llm:
+        greedy = {r.key: r.raw for r in llm.run(requests(4))}
+    with backend(tiny_llama, temperature=1.0, seed=2, decoder=decoder) as llm:
+        own = {r.key: r.raw for r in llm.run(greedy_requests)}
+        mixed = greedy_requests[:2] + requests(4)[2:]
+        mixed_replies = {r.key: r.raw for r in llm.run(mixed)}
+    with backend(tiny_llama, temperature=1.0, seed=2, decoder=decoder) as llm:
+        sampled = {r.key: r.raw for r in llm.run(requests(4))}
+    assert own == greedy
+    # A batch is cut per temperature: each row gets the reply it gets in a batch of its own kind.
+    assert mixed_replies == {**{k: greedy[k] for k in ("user0", "user1")}, **{k: sampled[k] for k in ("user2", "user3")}}
+
+
+def test_chunks_are_cut_per_temperature():
+    config = LLMConfig(backend="transformers", model="m", temperature=0.7, batch_size=2)
+    batch = [(LLMRequest(f"k{i}", [{"role": "user", "content": "x" * (9 - i)}], Ban,
+                         temperature=1.0 if i % 2 else None), i) for i in range(5)]
+    chunks = TransformersBackend.plan_chunks(config, batch)
+    assert [[request.key for request, _ in chunk] for chunk in chunks] == [["k4", "k2"], ["k0"], ["k3", "k1"]]

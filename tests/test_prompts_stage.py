@@ -287,3 +287,40 @@ def test_outputs_do_not_depend_on_where_the_tokenizer_folder_lives(tmp_path: Pat
     run(make_config(tmp_path, moved), tmp_path / "b")
     for name in ("pairs.parquet", "rejects.parquet"):
         assert (tmp_path / "a" / "prompts" / name).read_bytes() == (tmp_path / "b" / "prompts" / name).read_bytes()
+
+
+def test_safe_temperature_asks_only_p_s_again_at_that_temperature(tmp_path: Path, tokenizer_dir: Path) -> None:
+    run(make_config(tmp_path, tokenizer_dir), tmp_path / "run")
+    temperatures: dict[str, float | None] = {}
+
+    def recording(request: LLMRequest, seed: int) -> str:
+        temperatures[request.schema.__name__ + ":" + ("p_h" if "Variation:" in request.messages[-1]["content"]
+                                                      else "other")] = request.temperature
+        return obedient(request, seed)
+
+    _, again = run(make_config(tmp_path, tokenizer_dir, safe_temperature=1.0), tmp_path / "run", reply=recording)
+    # p_h, descriptions and expansions are cached (their keys did not change); every p_s is new, at 1.0
+    assert temperatures == {"ImagePrompt:other": 1.0}
+    assert len(again.calls) == 6 * 3
+    assert {r["prompt_safe"] for r in table(tmp_path / "run", "pairs.parquet")}
+
+
+def test_templates_put_the_per_request_fields_last() -> None:
+    """Everything before the last user message's fields is the same for every request (prefix reuse)."""
+    from sage_builder.config import load_config
+    from sage_builder.templates import load_template
+
+    root = Path(__file__).resolve().parent.parent
+    templates = load_config(root / "pipelines" / "demo.yaml").prompts.templates
+    fields = {"pair_unsafe": ("Category: {{category}}", {"description": "d", "idx": 1, "n": 2}),
+              "pair_safe": ("Category: {{category}}", {"prompt": "p", "avoid": "a"}),
+              "concept_describe": ("Category: {{category}}", {})}
+    for name, (first_field, extra) in fields.items():
+        template = load_template(getattr(templates, name))
+        last = template.messages[-1][1]
+        assert "{{" not in last[:last.index(first_field)], name  # no placeholder before the fields
+        assert all("{{" not in text for _, text in template.messages[:-1]), name
+        one = template.render(category="Hate", concept="slurs", **extra)[-1]["content"]
+        other = template.render(category="Violence", concept="arson", **extra)[-1]["content"]
+        shared = len(last[:last.index(first_field)]) + len("Category: ")
+        assert one[:shared] == other[:shared] and one[shared:] != other[shared:]

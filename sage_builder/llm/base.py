@@ -43,6 +43,8 @@ class LLMRequest:
     schema: type[BaseModel]
     check: ReplyCheck | None = None
     max_new_tokens: int | None = None
+    # None: llm.temperature. A stage that sets it puts it in the request's key (it changes the reply).
+    temperature: float | None = None
 
     def json_schema(self) -> dict[str, Any]:
         """The reply schema sent to constrained decoders: objects take no keys beyond their properties."""
@@ -54,7 +56,8 @@ class LLMRequest:
 
     def to_wire(self) -> WireRequest:
         """What a remote engine needs (plain data): checks and the pydantic class stay with the caller."""
-        return WireRequest(self.key, self.messages, self.json_schema(), self.schema_name, self.max_new_tokens)
+        return WireRequest(self.key, self.messages, self.json_schema(), self.schema_name, self.max_new_tokens,
+                           self.temperature)
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,15 @@ class WireRequest:
     schema_json: dict[str, Any]
     schema_name: str
     max_new_tokens: int | None = None
+    temperature: float | None = None
 
     def json_schema(self) -> dict[str, Any]:
         return self.schema_json
+
+
+def request_temperature(config: LLMConfig, request: LLMRequest | WireRequest) -> float:
+    """The sampling temperature of one request: its own, else ``llm.temperature``."""
+    return config.temperature if request.temperature is None else request.temperature
 
 
 @dataclass

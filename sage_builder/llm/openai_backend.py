@@ -30,7 +30,12 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from sage_builder.errors import SageError
-from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+from sage_builder.llm.base import (
+    LLMBackend,
+    LLMRequest,
+    TransportFailure,
+    request_temperature,
+)
 from sage_builder.runtime import retry_after_seconds
 
 log = logging.getLogger("sage.llm.openai")
@@ -118,7 +123,7 @@ class OpenAIBackend(LLMBackend):
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": request.messages,
-            "temperature": c.temperature,
+            "temperature": request_temperature(c, request),
             "top_p": c.top_p,
             "seed": seed,
             "max_tokens": request.max_new_tokens or c.max_new_tokens,

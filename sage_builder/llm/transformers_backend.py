@@ -3,9 +3,9 @@
 Requests are batched (``llm.batch_size`` prompts per engine call, sorted by the length of their
 messages to waste little padding; see ``plan_chunks``) and each prompt goes through the model's
 chat template. Per row and step the next token is one the row's llguidance matcher (compiled from
-the request's JSON schema, no free whitespace) accepts, chosen greedily when ``llm.temperature`` is
-0, else by temperature/top-p sampling from draws of the row's own ``torch.Generator`` seeded with
-the request's seed.
+the request's JSON schema, no free whitespace) accepts, chosen greedily when the temperature (the
+request's own, else ``llm.temperature``) is 0, else by temperature/top-p sampling from draws of the
+row's own ``torch.Generator`` seeded with the request's seed.
 
 Two engines, chosen by ``llm.decoder`` (execution-only: it never enters item keys):
 
@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from sage_builder.errors import SageError
-from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+from sage_builder.llm.base import (
+    LLMBackend,
+    LLMRequest,
+    TransportFailure,
+    request_temperature,
+)
 from sage_builder.llm.prefix_decoding import (
     GuidedSampler,
     PrefixStore,
@@ -148,11 +153,18 @@ class TransformersBackend(LLMBackend):
         """``llm.batch_size`` requests per ``generate`` call, similar lengths together (less padding).
 
         The length is that of the messages' text, so the cut needs no tokenizer and the Ray executor
-        cuts exactly as this process would (the sort is stable: ties keep the request order).
+        cuts exactly as this process would (the sort is stable: ties keep the request order). A call
+        samples at one temperature: requests with their own are cut apart, first seen first.
         """
-        ordered = sorted(batch, key=lambda item: sum(len(m.get("content") or "") for m in item[0].messages))
+        groups: dict[float, list[tuple[Any, int]]] = {}
+        for item in batch:
+            groups.setdefault(request_temperature(config, item[0]), []).append(item)
         size = config.batch_size
-        return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+        chunks = []
+        for items in groups.values():
+            ordered = sorted(items, key=lambda item: sum(len(m.get("content") or "") for m in item[0].messages))
+            chunks += [ordered[start:start + size] for start in range(0, len(ordered), size)]
+        return chunks
 
     def _complete(self, batch: Sequence[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:
         self._load()
@@ -167,8 +179,8 @@ class TransformersBackend(LLMBackend):
         tok = self.tokenizer
         limits = [request.max_new_tokens or self.config.max_new_tokens for request, _, _ in rows]
         sampler = GuidedSampler([self._matcher(request) for request, _, _ in rows], [seed for _, seed, _ in rows],
-                                limits, self.config.temperature, self.config.top_p, tok.eos_token_id,
-                                self._vocab_size(), self.device)
+                                limits, request_temperature(self.config, rows[0][0]), self.config.top_p,
+                                tok.eos_token_id, self._vocab_size(), self.device)
         prompts = [tok(text, add_special_tokens=False)["input_ids"] for _, _, text in rows]
         outcomes = decode_batch(self._forward, self.prefix_store, prompts, sampler, self.device)
         for (request, _, _), outcome, limit in zip(rows, outcomes, limits):
@@ -186,7 +198,7 @@ class TransformersBackend(LLMBackend):
             matchers=[self._matcher(request) for request, _, _ in rows],
             seeds=[seed for _, seed, _ in rows],
             limits=[request.max_new_tokens or self.config.max_new_tokens for request, _, _ in rows],
-            temperature=self.config.temperature, top_p=self.config.top_p,
+            temperature=request_temperature(self.config, rows[0][0]), top_p=self.config.top_p,
             eos_token_id=tok.eos_token_id, prompt_length=encoded["input_ids"].shape[1])
         generation = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id)

@@ -13,7 +13,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sage_builder.errors import SageError
-from sage_builder.llm.base import LLMBackend, LLMRequest, TransportFailure
+from sage_builder.llm.base import (
+    LLMBackend,
+    LLMRequest,
+    TransportFailure,
+    request_temperature,
+)
 
 log = logging.getLogger("sage.llm.vllm")
 
@@ -76,7 +81,7 @@ class VLLMBackend(LLMBackend):
 
         c = self.config
         return SamplingParams(
-            temperature=c.temperature, top_p=c.top_p, seed=seed,
+            temperature=request_temperature(c, request), top_p=c.top_p, seed=seed,
             max_tokens=request.max_new_tokens or c.max_new_tokens,
             structured_outputs=StructuredOutputsParams(json=request.json_schema()),
         )

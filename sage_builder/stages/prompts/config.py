@@ -41,6 +41,10 @@ class PromptsConfig(StrictModel):
     pairs_per_concept: int = Field(10, ge=2, description="N; index N is reserved for the test splits")
     max_pair_attempts: int = Field(3, ge=1, le=20, description="new p_h/p_s requests for a rejected pair before "
                                                                "it stays in the rejects table")
+    safe_temperature: float | None = Field(None, ge=0.0, le=2.0, description="sampling temperature of the p_s "
+                                                                            "requests (null: llm.temperature); a "
+                                                                            "small model copies p_h less at a "
+                                                                            "higher one")
     max_clip_tokens: int = Field(77, ge=8, le=77, description="CLIP text encoder limit, BOS/EOS included")
     edit_similarity_max: float = Field(0.9, ge=0.0, le=1.0, description="word-level similarity p_h vs p_s above "
                                                                         "which p_s is nearly identical (must "

@@ -140,18 +140,20 @@ class PairRounds:
     def _safe_requests(self, pending: list[PairSlot], unsafe_keys: dict[str, str],
                        unsafe: dict[str, dict[str, Any]]) -> tuple[dict[str, str], list[LLMRequest]]:
         template = self.templates["pair_safe"]
+        temperature = self.config.prompts.safe_temperature
         keys: dict[str, str] = {}
         requests = []
         for s in pending:
             p_h = _prompt(unsafe.get(unsafe_keys[s.pair_id]))
             if p_h is None:
                 continue
-            key = stable_hash("safe", unsafe_keys[s.pair_id], p_h, self.rules, self.llm_hash)
+            own = [] if temperature is None else [temperature]  # keys without it stay as they were
+            key = stable_hash("safe", unsafe_keys[s.pair_id], p_h, self.rules, self.llm_hash, *own)
             keys[s.pair_id] = key
             requests.append(LLMRequest(
                 key, template.render(category=s.concept["category"], concept=s.concept["concept"], prompt=p_h,
                                      avoid=", ".join(self.validator.avoid_terms(s.concept))),
-                ImagePrompt, check=self.validator.safe_check(p_h, s.concept)))
+                ImagePrompt, check=self.validator.safe_check(p_h, s.concept), temperature=temperature))
         return keys, requests
 
     def _judge(self, slot: PairSlot, u_row: dict[str, Any] | None, s_row: dict[str, Any] | None) -> Verdict:

@@ -36,12 +36,12 @@ if TYPE_CHECKING:
 
 MIN_WORDS = 5
 # Bump when a check changes what it accepts: the version enters every p_h / p_s item key.
-CHECKS_VERSION = 3
+CHECKS_VERSION = 4
 # Template markers ({{id}}}, {concept}: no published prompt has a brace), chat special tokens, the
 # templates' field labels and the reply schema's keys: text a prompt never holds unless a template
 # leaked into it.
 TEMPLATE_RESIDUE = re.compile(
-    r"[{}]|<\|[^|>]*\|>|\b(?:Category|Concept|Harmful concept|Variation|Prompt)\s*:|\"(?:prompt|refused)\"\s*:")
+    r"[{}]|<\|[^|>]*\|>|\b(?:Category|Concept|Harmful concept|Variation|Prompt|Avoid)\s*:|\"(?:prompt|refused)\"\s*:")
 PROMPT_CHECKS = ("refusal", "too_short", "template_residue", "clip_tokens", "copies_example")
 REWRITE_CHECKS = ("identical", "edit_similarity_high", "copies_unsafe", "scene_similarity_low", "concept_term_in_safe")
 
