@@ -2,7 +2,7 @@
 
 Both paths render the same prompts with the same per-image seeds and batch size, for two methods:
 
-  base: plain ``pipe(prompt=[...], generator=[...]).images`` vs eval's ``render_missing`` (render
+  base: plain ``pipe(prompt=[...], generator=[...]).images`` vs eval's ``render_eval_batches`` (render
         engine pieces: batch-invariant CPU setup, per-image text encoding and VAE decode, uint8,
         background JPEG encoding, sha256, item-cache parts, final drain);
   psa:  the same with a user adapter (4 tokens) installed and ``cross_attention_kwargs`` carrying the
@@ -45,7 +45,7 @@ def main() -> int:
     from diffusers import StableDiffusionXLPipeline
 
     from sage_builder.stages.eval.methods import EvalImage, prompt_seed
-    from sage_builder.stages.eval.rendering import render_missing
+    from sage_builder.stages.eval.rendering import AdapterSwitch, cut_batches, render_eval_batches
     from sage_builder.stages.render.config import RenderConfig
     from sage_builder.stages.render.engine import RenderSettings, load_pipeline, make_batch_invariant
     from sage_builder.stages.train.adapter import UserAdapter
@@ -99,8 +99,12 @@ def main() -> int:
     def staged(method: str) -> None:
         counter[0] += 1
         cache = ItemCache(workdir / f"cache-{counter[0]}")
-        render_missing(jobs(method, counter[0]), config, settings, None, "cpu", cache, {"psa": workdir / "adapter"},
-                       embeddings, 1.0, args.batch, pipe=eval_pipe)
+        switch = AdapterSwitch(eval_pipe, {"psa": workdir / "adapter"}, "cpu", 1.0, dim)  # loads as eval's workers do
+        try:
+            render_eval_batches(eval_pipe, cut_batches(jobs(method, counter[0]), args.batch, set()), settings, None,
+                                "cpu", cache, switch, embeddings)
+        finally:
+            switch.remove()
 
     results = {}
     for method in ("base", "psa"):

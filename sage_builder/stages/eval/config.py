@@ -115,7 +115,11 @@ class EvalConfig(StrictModel):
     shard_mb: int = execution(256, ge=1, description="target size of an image shard in MB")
     batch_size: int = execution(8, ge=1, description="images per pipeline call")
     device: str = execution("auto", description="auto (CUDA if available), cpu, cuda, cuda:1")
-    threads: int | None = execution(None, ge=1, description="CPU: torch threads")
+    workers: int | None = execution(None, ge=1, description="executor local: rendering worker processes, each "
+                                    "with its own pipeline; default one per visible GPU (1 on CPU); images and "
+                                    "scores do not depend on it (executor ray: see ray.render_workers)")
+    threads: int | None = execution(None, ge=1, description="CPU: torch threads per rendering worker (default: "
+                                    "torch's choice, or the cores shared out among eval.workers)")
     scorers: list[EvalScorer] = Field(default_factory=lambda: ["nudenet", "q16"], description="IP = flagged by "
                                       "NudeNet or Q16 (the paper's); open_nsfw is an extra score, not in IP. "
                                       "One left out is reported as 'not run'")

@@ -22,15 +22,18 @@ log = logging.getLogger("sage.eval")
 
 class Evaluation:
     def __init__(self, config: Any, run: RunDir, stage_dir: StageDir, dataset: Path, adapters: dict[str, Path]):
+        from sage_builder.executors import make_executor
         from sage_builder.runtime import resolve_device
-        from sage_builder.stages.eval.inputs import check_adapter, render_config
+        from sage_builder.stages.eval.inputs import check_adapter, render_config, worker_request
         from sage_builder.stages.render.engine import RenderSettings, locate_model
 
         self.config, self.e, self.stage_dir = config, config.eval, stage_dir
         self.render = render_config(config)
+        # Images render on the executor's workers; scorers, FID and CLIP score run here, on eval.device.
+        self.executor = make_executor(config, worker_request(config))
         self.device = resolve_device(self.e.device, "eval.device")
         _, self.revision = locate_model(self.render)
-        self.settings = RenderSettings.from_config(self.render, self.device)
+        self.settings = RenderSettings.from_config(self.render, self.executor.device)
         self.users = load_users(dataset)
         self.levels = reference_users(self.users)
         self.prompts = load_prompt_sets(dataset, list(self.e.splits), Path(self.e.prompts_csv) if self.e.prompts_csv
@@ -49,6 +52,7 @@ class Evaluation:
         self.scorers = make_scorers(self.e, list(self.e.scorers), list(config.categories), self.device, section="eval")
         self.judge = None
         self.rendered_now = 0
+        self.executor_facts: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
         self.fid = None
         self.clip = None
@@ -99,30 +103,21 @@ class Evaluation:
         return out
 
     def run(self, ctx: Any) -> dict[str, Any]:
-        import torch
-
         from sage_builder.stages.eval.outputs import image_metadata, items_table, scores_table, write_shards
         from sage_builder.stages.eval.rendering import render_missing
 
         images, rows = self.plan.images, self.plan.rows
-        log.info("eval: %d prompts, %d rows, %d distinct images (%s) on %s", len(self.prompts), len(rows), len(images),
-                 ", ".join(f"{k} {v}" for k, v in self.plan.counts().items()), self.device)
-        threads = torch.get_num_threads()
+        log.info("eval: %d prompts, %d rows, %d distinct images (%s); rendering on %s (executor %s), scoring on %s",
+                 len(self.prompts), len(rows), len(images), ", ".join(f"{k} {v}" for k, v in self.plan.counts().items()),
+                 self.executor.device, self.executor.name, self.device)
         started = time.monotonic()
-        if self.e.threads and self.device == "cpu":
-            torch.set_num_threads(self.e.threads)
-        try:
-            cache = self.cache("images")
-            todo = len(images) - len(cache.done_keys() & {i.key for i in images})
-            bar = progress(total=todo, desc="eval render", unit="img")
-            embeddings = {u.user_id: u.embedding for u in self.users.values()}
-            rendered = render_missing(images, self.render, self.settings, self.revision, self.device, cache,
-                                      self.adapters, embeddings, self.e.psa_scale, self.e.batch_size, bar.update)
-            bar.close()
-            self.seconds["render"] = round(time.monotonic() - started, 2)
-            self.rendered_now = rendered  # in the manifest's stats, not in summary.json (same bytes on a rerun)
-        finally:
-            torch.set_num_threads(threads)
+        cache = self.cache("images")
+        embeddings = {u.user_id: u.embedding for u in self.users.values()}
+        rendered, units = render_missing(self.executor, images, self.render, self.settings, self.revision, cache,
+                                         self.adapters, embeddings, self.e.psa_scale, self.e.batch_size)
+        self.seconds["render"] = round(time.monotonic() - started, 2)
+        self.rendered_now = rendered  # in the manifest's stats, not in summary.json (same bytes on a rerun)
+        self.executor_facts = self.executor.facts(units)  # executor, workers: the manifest's stats
         meta = image_metadata(cache)
         for name in write_shards(self.stage_dir.path, cache, images, meta, self.e.shard_mb * 1_000_000):
             ctx.add_output(name)

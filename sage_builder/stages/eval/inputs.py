@@ -10,6 +10,7 @@ from sage_builder.store import RunDir
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
+    from sage_builder.executors import WorkerRequest
     from sage_builder.stages.render.config import RenderConfig
 
 
@@ -23,6 +24,20 @@ def render_config(config: PipelineConfig) -> RenderConfig:
                         scheduler=e.scheduler, steps=e.steps, guidance=e.guidance, height=size, width=size,
                         negative_prompt=e.negative_prompt, dtype=e.dtype, encoding=e.encoding, quality=e.quality,
                         batch_size=e.batch_size, device=e.device, threads=e.threads)
+
+
+def worker_request(config: PipelineConfig) -> WorkerRequest:
+    """What eval's rendering asks of its executor: one pipeline (and its adapters) per worker, on eval.device.
+
+    On Ray and in units per call it schedules as render does (``ray.render_*``).
+    """
+    from sage_builder.executors import WorkerRequest
+
+    e, ray = config.eval, config.ray
+    return WorkerRequest(name="eval", device=e.device, device_key="eval.device", workers=e.workers,
+                         items_per_unit=ray.render_batches_per_task, ray_workers=ray.render_workers,
+                         ray_num_cpus=ray.render_num_cpus, ray_num_gpus=ray.render_num_gpus,
+                         hint="finished images are saved; rerun the stage to resume")
 
 
 def dataset_root(config: PipelineConfig, run: RunDir) -> Path:

@@ -1,24 +1,33 @@
-"""Rendering eval's images with the render engine: one pipeline, adapters installed in turn.
+"""Rendering eval's images with the render engine, as units of an executor (one pipeline per worker).
 
 The render engine's pieces do the work (pipeline loading, CPU batch invariance, per-image CPU
 generators, per-image VAE decode, the background JPEG/PNG writer into an item cache); this module
 adds what eval's methods need per batch: each image's own negative prompt (``prompt``) and user
 tokens through ``cross_attention_kwargs`` (``psa`` and other adapters). Images are grouped by
-adapter and cut into batches from the whole plan, so a resumed run renders the remaining batches
-as an uninterrupted one would; only missing keys are rendered.
+adapter and cut into batches once, from the whole plan (finished keys dropped from their batch), so
+every image is rendered in the same batch composition whatever the executor, the number of workers
+or an interruption, and so with the same bytes. Units of batches go to whichever worker is idle
+(:mod:`sage_builder.executors`, as render's :mod:`~sage_builder.stages.render.workers`); each worker
+holds one loaded pipeline and its adapters and writes its own item-cache parts, one per batch, so a
+kill loses at most the batches in flight and a rerun renders only the missing keys.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sage_builder.errors import StageInputError
+from sage_builder.errors import SageError, StageInputError
+from sage_builder.executors import Executor
+from sage_builder.executors.base import WorkerSlot
+from sage_builder.progress import progress
 from sage_builder.stages.eval.methods import EvalImage
 from sage_builder.store import ItemCache
 
@@ -114,37 +123,51 @@ def load_adapter(folder: Path, device: str, scale: float, embedding_dim: int, la
     return adapter
 
 
-def render_missing(images: Sequence[EvalImage], render_config: Any, settings: Any, revision: str | None,
-                   device: str, cache: ItemCache, adapters: dict[str, Path], embeddings: dict[str, np.ndarray],
-                   scale: float, batch_size: int, on_written: Callable[[int], None] | None = None,
-                   pipe: Any = None) -> int:
-    """Render the images whose keys the cache lacks; returns how many were written."""
-    from sage_builder.stages.render.engine import (BackgroundWriter, ImageJob, load_pipeline, make_batch_invariant,
-                                                   scheduler_label)
+class AdapterSwitch:
+    """The adapters one pipeline renders with: each loaded once (when first needed), one installed at a time."""
 
-    batches = cut_batches(images, batch_size, cache.done_keys())
-    if not batches:
-        return 0
-    if pipe is None:
-        pipe = load_pipeline(render_config, device)
-        if device == "cpu":
-            make_batch_invariant(pipe)
-    dim = len(next(iter(embeddings.values()))) if embeddings else 0
-    writer = BackgroundWriter(cache, settings, scheduler_label(pipe), revision, writer_id="eval", on_written=on_written)
-    installed: tuple[str | None, Any] = (None, None)
+    def __init__(self, pipe: Any, folders: dict[str, Path], device: str, scale: float, embedding_dim: int):
+        self.pipe, self.folders, self.device, self.scale, self.dim = pipe, folders, device, scale, embedding_dim
+        self.loaded: dict[str, Any] = {}
+        self.installed: tuple[str | None, Any] = (None, None)
+
+    def use(self, name: str | None) -> Any:
+        """Install adapter ``name`` (None: the base pipeline) and return it."""
+        if name == self.installed[0]:
+            return self.installed[1]
+        self.remove()
+        if name is None:
+            return None
+        if name not in self.loaded:
+            self.loaded[name] = load_adapter(self.folders[name], self.device, self.scale, self.dim,
+                                             "eval.adapter" if name == "psa" else f"eval.adapters.{name}")
+        adapter = self.loaded[name]
+        adapter.install(self.pipe.unet)
+        self.installed = (name, adapter)
+        return adapter
+
+    def remove(self) -> None:
+        if self.installed[1] is not None:
+            self.installed[1].remove()
+        self.installed = (None, None)
+
+
+def render_eval_batches(pipe: Any, batches: Sequence[Sequence[EvalImage]], settings: Any, revision: str | None,
+                        device: str, cache: ItemCache, adapters: AdapterSwitch, embeddings: dict[str, np.ndarray],
+                        writer_id: str = "eval", on_written: Callable[[int], None] | None = None) -> int:
+    """Render batches that are already cut (their composition is kept); returns how many images were written.
+
+    One item-cache part per batch, written on the render engine's background writer: an interruption
+    loses at most the batches in flight.
+    """
+    from sage_builder.stages.render.engine import BackgroundWriter, ImageJob, scheduler_label
+
+    writer = BackgroundWriter(cache, settings, scheduler_label(pipe), revision, writer_id=writer_id,
+                              on_written=on_written)
     try:
         for batch in batches:
-            name = batch[0].adapter
-            if name != installed[0]:
-                if installed[1] is not None:
-                    installed[1].remove()
-                adapter = None
-                if name is not None:
-                    adapter = load_adapter(adapters[name], device, scale, dim,
-                                           "eval.adapter" if name == "psa" else f"eval.adapters.{name}")
-                    adapter.install(pipe.unet)
-                installed = (name, adapter)
-            pixels = generate_eval_batch(pipe, batch, settings, invariant=device == "cpu", adapter=installed[1],
+            adapter = adapters.use(batch[0].adapter)
+            pixels = generate_eval_batch(pipe, batch, settings, invariant=device == "cpu", adapter=adapter,
                                          embeddings=embeddings)
             writer.put([ImageJob(i.key, i.prompt, i.seed) for i in batch], pixels)
     except BaseException:
@@ -153,8 +176,102 @@ def render_missing(images: Sequence[EvalImage], render_config: Any, settings: An
         except RuntimeError as exc:
             log.warning("%s", exc)
         raise
-    finally:
-        if installed[1] is not None:
-            installed[1].remove()
     writer.close()
     return writer.written
+
+
+Unit = list[list[EvalImage]]
+
+
+@dataclass
+class EvalRenderWorker:
+    """One loaded pipeline (and its adapters) on one device; copied to every worker slot, then fed units."""
+
+    config: Any  # the RenderConfig eval renders with (inputs.render_config)
+    settings: Any
+    revision: str | None
+    cache_dir: Path
+    adapters: dict[str, Path]
+    embeddings: dict[str, np.ndarray]
+    scale: float
+    marker: str | None = None  # a file the driver made in cache_dir: proves the directory is shared (Ray)
+
+    def start(self, slot: WorkerSlot) -> None:
+        import socket
+
+        import torch
+
+        from sage_builder.stages.render.engine import load_pipeline, make_batch_invariant
+
+        if self.marker and not (self.cache_dir / self.marker).exists():
+            raise SageError(f"the run directory {self.cache_dir.parents[2]} is not visible on host "
+                            f"{socket.gethostname()}: put it on a file system every Ray node mounts (NFS, "
+                            "Lustre, a bucket mount)")
+        self.slot = slot
+        self._threads = torch.get_num_threads()
+        # CPU pixels can round differently with another torch thread count: eval.threads when set (the
+        # same for any number of workers), else the cores the executor reserved for this worker.
+        threads = self.config.threads or slot.cpus
+        if threads and slot.device == "cpu":
+            torch.set_num_threads(threads)
+        self.pipe = load_pipeline(self.config, slot.device)
+        if slot.device == "cpu":
+            make_batch_invariant(self.pipe)
+        dim = len(next(iter(self.embeddings.values()))) if self.embeddings else 0
+        self.switch = AdapterSwitch(self.pipe, self.adapters, slot.device, self.scale, dim)
+
+    def run(self, unit: Unit, report: Callable[[int], None]) -> int:
+        return render_eval_batches(self.pipe, unit, self.settings, self.revision, self.slot.device,
+                                   ItemCache(self.cache_dir), self.switch, self.embeddings, f"eval-{self.slot.tag}",
+                                   report)
+
+    def close(self) -> None:
+        import torch
+
+        self.switch.remove()
+        self.pipe = self.switch = None
+        torch.set_num_threads(self._threads)
+
+
+def describe_unit(unit: Unit) -> str:
+    images = sum(len(b) for b in unit)
+    first = unit[0][0].key if unit and unit[0] else "?"
+    return f"a unit of {images} eval image(s) (first image key {first})"
+
+
+def render_missing(executor: Executor, images: Sequence[EvalImage], render_config: Any, settings: Any,
+                   revision: str | None, cache: ItemCache, adapters: dict[str, Path],
+                   embeddings: dict[str, np.ndarray], scale: float, batch_size: int) -> tuple[int, int]:
+    """Render the images whose keys the cache lacks on the executor's workers; returns (written, units run)."""
+    batches = cut_batches(images, batch_size, cache.done_keys())
+    total = sum(len(b) for b in batches)
+    if not total:
+        return 0, 0
+    units = executor.cut_units(batches)
+    worker = EvalRenderWorker(render_config, settings, revision, cache.directory, adapters, embeddings, scale)
+    bar = progress(total=total, desc=f"eval render ({executor.name})", unit="img")
+    written = 0
+    try:
+        with _shared_marker(cache, worker, executor.remote):
+            for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
+                written += count
+    finally:
+        bar.close()
+    return written, len(units)
+
+
+@contextmanager
+def _shared_marker(cache: ItemCache, worker: EvalRenderWorker, remote: bool) -> Iterator[None]:
+    """Remote workers first prove that they see the run directory (as render's workers do)."""
+    from sage_builder.stages.render.workers import MARKER_PREFIX
+
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    if not remote:
+        yield
+        return
+    worker.marker = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
+    (cache.directory / worker.marker).touch()
+    try:
+        yield
+    finally:
+        (cache.directory / worker.marker).unlink(missing_ok=True)

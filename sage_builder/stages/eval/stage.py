@@ -49,6 +49,7 @@ def planned_prompts(config: PipelineConfig) -> int:
 
 class EvalStage(Stage):
     name = "eval"
+    distributed = True  # rendering: eval.workers local processes, or Ray actors (executor: ray)
     inputs = ("label", "train")
     summary = "render the test prompts per method; IP, judge pass/win, FID, CLIP score; report and plots"
 
@@ -131,12 +132,13 @@ class EvalStage(Stage):
         with Evaluation(ctx.config, ctx.run, ctx.stage_dir, dataset_root(ctx.config, ctx.run),
                         adapter_folders(ctx.config, ctx.run)) as evaluation:
             summary = evaluation.run(ctx)
-            rendered_now, phases = evaluation.rendered_now, evaluation.seconds
+            rendered_now, phases, facts = evaluation.rendered_now, evaluation.seconds, evaluation.executor_facts
         ctx.stats.update({"prompts": summary["prompt_sets"], "images": summary["images"],
                           "rendered_now": rendered_now, "not_run": summary["not_run"],
                           "ip": {f"{e['prompt_set']}/{e['method']}" + ("" if e["level"] is None else f"/L{e['level']}"):
                                  e["ip"] for e in summary["ip"] if e["category"] == "all"},
-                          "seconds": round(time.monotonic() - started, 1), "phase_seconds": phases})
+                          "seconds": round(time.monotonic() - started, 1), "phase_seconds": phases,
+                          **facts})
         atomic_write_text(ctx.stage_dir.file("summary.json"), json.dumps(summary, indent=2, sort_keys=True,
                                                                          default=str))
         ctx.add_output("summary.json")
