@@ -1,6 +1,7 @@
 """Stage 7's rendering through the executor seam: 1 worker in this process and 2 spawned local worker
 processes give byte-identical outputs, a rerun after lost parts renders only what is missing, and a
-failing unit in a worker process ends the stage with the seam's one-line message."""
+failing unit in a worker process ends the stage with the seam's one-line message; on Ray actors the
+outputs equal the local executor's."""
 
 from __future__ import annotations
 
@@ -70,3 +71,22 @@ def test_a_failing_unit_in_a_worker_process_is_one_line(tiny_run, models_dir, tm
     assert "\n" not in message and message.startswith("eval#")
     assert "eval.adapters.other" in message and "expects 4-d user embeddings" in message
     assert "rerun the stage to resume" in message
+
+
+@pytest.mark.slow
+def test_on_ray_actors_the_outputs_equal_the_local_executor(tiny_run, models_dir, tmp_path):  # noqa: F811
+    ray = pytest.importorskip("ray", reason="executor: ray needs the ray extra (make test installs it)")
+    run, data = tiny_run
+    local, on_ray = RunDir(tmp_path / "local"), RunDir(tmp_path / "ray")
+    for work in (local, on_ray):
+        shutil.copytree(run.root, work.root, ignore=shutil.ignore_patterns("eval"))
+    stage = get_stage("eval")
+    expected = run_stage(stage, _eval(data, models_dir, 1), local)
+    ray_data = {**data, "executor": "ray", "ray": {**data.get("ray", {}), "num_cpus": 2, "render_workers": 2,
+                                                   "render_num_cpus": 1, "render_batches_per_task": 1}}
+    try:
+        got = run_stage(stage, _eval(ray_data, models_dir, None), on_ray)
+    finally:
+        ray.shutdown()  # the driver started a local Ray instance in this process
+    assert got.stats["executor"] == "ray" and got.stats["ray_workers"] == 2
+    assert _hashes(on_ray, got) == _hashes(local, expected)
