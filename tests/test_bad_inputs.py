@@ -173,7 +173,7 @@ CLI = [
         profiles={"demographics": str(x.tmp / "gone.yaml")})), "--run-dir", str(x.run)], "gone.yaml"),
     c("run-skip-typo", "none", lambda x: ["run", "--run-dir", str(x.run), "--skip", "rendr"], "unknown stage 'rendr'"),
     c("stage-unknown-name", "none", lambda x: ["stage", "nine", "--run-dir", str(x.run)], "unknown stage 'nine'"),
-    c("stage-number-out-of-range", "none", lambda x: ["stage", "7", "--run-dir", str(x.run)], "unknown stage '7'"),
+    c("stage-number-out-of-range", "none", lambda x: ["stage", "9", "--run-dir", str(x.run)], "unknown stage '9'"),
     c("stage-option-not-its-own", "fake", lambda x: x.stage("label", "--contact-sheet", "2"),
       "stage 'label' has no option 'contact_sheet'"),
     c("status-of-a-file", "none", _then(lambda x: x.run.write_text("x"), lambda x: ["status", str(x.run)]),

@@ -304,3 +304,16 @@ def test_publish_takes_an_imported_dataset(imported, tmp_path):
     manifest = run_stage(get_stage("publish"), config, RunDir(run))
     files = {p.relative_to(run / "label").as_posix() for p in (run / "label" / "dataset").rglob("*") if p.is_file()}
     assert manifest.stats["dry_run"] and manifest.stats["add"] == len(files) + 1  # + manifests/label.json
+
+
+def test_status_of_an_imported_dataset_is_done_not_stale(imported, tmp_path):
+    """Stages 1-3 never ran in an import's run dir: label is 'done' (nothing to compare with), not 'stale'."""
+    from sage_builder.config import config_from_dict
+    from sage_builder.stages.base import stage_status
+    from sage_builder.store import RunDir
+
+    _, run_dir = imported
+    config = config_from_dict({"name": "t", "llm": {"model": "x"}})
+    status = stage_status(get_stage("label"), config, RunDir(run_dir))
+    assert status.state == "done", status.reason
+    assert "made outside this run" in status.reason

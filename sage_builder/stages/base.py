@@ -201,7 +201,11 @@ def stage_status(stage: Stage, config: PipelineConfig | None, run: RunDir, verif
             if upstream is None or upstream.content_hash() != recorded:
                 state, reason = "stale", f"input stage '{name}' changed"
                 break
-        if state == "done" and config is not None:
+        absent = [name for name in stage.inputs if run.stage(name).read_manifest() is None]
+        if state == "done" and config is not None and absent and not manifest.inputs:
+            # Built outside this run (`sage import`, a copied dataset): there is nothing to compare with.
+            reason = f"made outside this run (no {', '.join(absent)} here): not compared with the config"
+        elif state == "done" and config is not None:
             try:
                 current, _ = fingerprint(stage, config, run)
             except Exception as exc:  # noqa: BLE001 - status must describe, never crash
