@@ -78,6 +78,7 @@ def chaos_pipeline(work: Path, base_url: str) -> Path:
 
 
 def sage_command(pipeline: Path, run: Path, stage: str) -> list[str]:
+    # Run from ROOT: `python -m` puts the current folder first on sys.path, ahead of PYTHONPATH.
     return [sys.executable, "-m", "sage_builder.cli", "stage", stage, "--config", str(pipeline), "--run-dir", str(run)]
 
 
@@ -88,7 +89,7 @@ def environment() -> dict[str, str]:
 def run_to_end(pipeline: Path, run: Path, stage: str) -> float:
     started = time.monotonic()
     result = subprocess.run(sage_command(pipeline, run, stage), env=environment(), capture_output=True, text=True,
-                            timeout=3600)
+                            timeout=3600, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"sage stage {stage} failed ({result.returncode}): {result.stderr[-1500:]}")
     return time.monotonic() - started
@@ -161,7 +162,7 @@ def chaos_stage(stage: str, pipeline: Path, reference: Path, reference_s: float,
             shutil.rmtree(run / name, ignore_errors=True)  # the stage starts from its inputs only
         delay = rng.uniform(0.05, 1.0) * reference_s
         process = subprocess.Popen(sage_command(pipeline, run, stage), env=environment(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+                                   stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
             process.wait(timeout=delay)
             result.finished_first += 1
