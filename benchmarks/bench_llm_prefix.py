@@ -22,10 +22,17 @@ Rows add one lever each:
 - ``+batch16``: the new path with 16 prompts per engine call instead of the demo's batch size
   (execution-only, like the engine: more rows share each pass over the weights).
 
+A row named ``ROW@old`` runs ROW on the templates of ``--old-templates`` (a git revision; default
+the commit before the templates put their per-request fields last) with p_s at ``llm.temperature``;
+plain rows use the working tree's templates and ``prompts.safe_temperature``. Both sets answer the
+same concepts, descriptions and p_h texts, so ``generate@old`` against ``+prefix`` is the old stage
+2 against the new one. The shared prefix of each phase's prompts is printed per template set.
+
 Stage-2-equivalent seconds scale a row's seconds per request to the 282 engine requests of the
 idle-machine demo run in BENCHMARKS.md (500.7 s for stage 2 on the old path).
 
     python benchmarks/bench_llm_prefix.py [--concepts 8] [--threads 1] [--rows generate +sampler +cache +prefix]
+    python benchmarks/bench_llm_prefix.py --rows generate@old +prefix@old generate +prefix
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +51,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sage_builder.config import config_from_dict
 from sage_builder.llm.base import LLMRequest
-from sage_builder.llm.prefix_decoding import GuidedSampler, make_forward
+from sage_builder.llm.prefix_decoding import (
+    PREFIX_BLOCK,
+    GuidedSampler,
+    common_prefix_length,
+    make_forward,
+)
 from sage_builder.llm.transformers_backend import (
     TransformersBackend,
     TransportFailure,
@@ -56,6 +70,9 @@ from sage_builder.templates import load_template
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_STAGE2_REQUESTS = 282
 DEMO_STAGE2_SECONDS = 500.7
+# The last commit whose templates had the per-request fields first (the ``@old`` rows).
+OLD_TEMPLATES = "fdfd633^"
+TEMPLATE_NAMES = ("concept_describe", "pair_unsafe", "pair_safe")
 
 
 class SamplerInGenerate(TransformersBackend):
@@ -87,6 +104,7 @@ class SamplerInGenerate(TransformersBackend):
 
 def row_backend(base: TransformersBackend, row: str) -> TransformersBackend:
     """A backend for one row sharing ``base``'s loaded model (one copy of the weights for all rows)."""
+    row = row.split("@")[0]
     decoder = "generate" if row in ("generate", "+sampler") else "cached"
     update: dict[str, Any] = {"decoder": decoder, "max_attempts": 1}
     if row == "+batch16":
@@ -109,15 +127,36 @@ def stage2_config(path: Path) -> Any:
     return config_from_dict(keep, base_dir=path.resolve().parent, source=str(path))
 
 
-def describe_requests(config: Any, n: int) -> list[tuple[str, str, LLMRequest]]:
-    templates = config.prompts.templates
-    describe = load_template(templates.concept_describe)
+def old_templates(revision: str, folder: Path) -> dict[str, Any]:
+    """The stage-2 templates as committed at ``revision`` (git show), loaded from ``folder``."""
+    loaded = {}
+    for name in TEMPLATE_NAMES:
+        text = subprocess.run(["git", "show", f"{revision}:prompts/{name}.txt"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+        loaded[name] = load_template(folder / f"{name}.txt")
+    return loaded
+
+
+def seed_concepts(config: Any, n: int) -> list[tuple[str, str]]:
     seeds = load_seeds(config.prompts.seed_concepts, config.categories)
     per_category = [seeds[c][:config.prompts.seeds_per_category] for c in config.categories]
     chosen = [s for round_ in zip(*per_category) for s in round_][:n]  # one per category, then the next
-    return [(s.category, s.concept, LLMRequest(f"describe{i:02d}", describe.render(category=s.category,
-                                                                                   concept=s.concept),
-                                               ConceptDescription)) for i, s in enumerate(chosen)]
+    return [(s.category, s.concept) for s in chosen]
+
+
+def phase_requests(templates: dict[str, Any], concepts: list[tuple[str, str]], descriptions: list[str],
+                   p_hs: list[str], n: int, safe_temperature: float | None) -> list[list[LLMRequest]]:
+    """The three phases' requests of one template set: descriptions, p_h, p_s (as the stage builds them)."""
+    describe = [LLMRequest(f"describe{i:02d}", templates["concept_describe"].render(category=c, concept=k),
+                           ConceptDescription) for i, (c, k) in enumerate(concepts)]
+    unsafe = [LLMRequest(f"unsafe{i:02d}", templates["pair_unsafe"].render(
+        category=c, concept=k, description=d, idx=1, n=n), ImagePrompt)
+        for i, ((c, k), d) in enumerate(zip(concepts, descriptions))]
+    safe = [LLMRequest(f"safe{i:02d}", templates["pair_safe"].render(
+        category=c, concept=k, prompt=p_h, avoid=", ".join(dict.fromkeys([k, c.lower()]))), ImagePrompt,
+        temperature=safe_temperature) for i, ((c, k), p_h) in enumerate(zip(concepts, p_hs))]
+    return [describe, unsafe, safe]
 
 
 def main() -> None:
@@ -125,6 +164,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "pipelines" / "demo.yaml"))
     parser.add_argument("--concepts", type=int, default=8, help="seed concepts (requests per phase)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every row but +threads")
+    parser.add_argument("--old-templates", default=OLD_TEMPLATES, help="git revision of the @old rows' templates")
     parser.add_argument("--rows", nargs="+", default=["generate", "+sampler", "+cache", "+prefix", "+threads",
                                                       "+batch16"])
     args = parser.parse_args()
@@ -133,52 +173,57 @@ def main() -> None:
     config = stage2_config(Path(args.config))
     llm = config.llm
     n = config.prompts.pairs_per_concept
-    unsafe_t = load_template(config.prompts.templates.pair_unsafe)
-    safe_t = load_template(config.prompts.templates.pair_safe)
-
-    described = describe_requests(config, args.concepts)
-    print(f"# {llm.model} ({llm.dtype}), temperature {llm.temperature}, top_p {llm.top_p}, batch {llm.batch_size}, "
-          f"{args.concepts} concepts x 3 phases; {os.cpu_count()} CPUs, load average "
+    new_t = {name: load_template(getattr(config.prompts.templates, name)) for name in TEMPLATE_NAMES}
+    concepts = seed_concepts(config, args.concepts)
+    print(f"# {llm.model} ({llm.dtype}), temperature {llm.temperature}, p_s temperature "
+          f"{config.prompts.safe_temperature} (@old rows: {llm.temperature}), top_p {llm.top_p}, batch "
+          f"{llm.batch_size}, {args.concepts} concepts x 3 phases; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at start; python {platform.python_version()}")
     base = TransformersBackend(llm.model_copy(update={"threads": args.threads, "max_attempts": 1}))
     base.check_ready()
-    base._matcher(described[0][2])
     torch.set_num_threads(os.cpu_count() or 1)  # the auto choice is capped by the current setting
     auto_threads = _set_cpu_threads(None)
     print(f"# threads: {args.threads} for every row, +threads: {auto_threads} (picked from idle cores now)")
 
-    # Setup, untimed: the p_h and p_s requests are built from the new engine's replies, as the stage would.
+    # Setup, untimed: descriptions and p_h texts from the new engine on the current templates, as the
+    # stage would; every template set then renders its requests from these same texts.
     setup = row_backend(base, "+prefix")
-    first = {r.key: r for r in setup.run([r for _, _, r in described])}
-    unsafe = []
-    for category, concept, request in described:
-        reply = first[request.key]
-        description = reply.value.description if reply.ok else "no description"
-        unsafe.append(LLMRequest(request.key.replace("describe", "unsafe"), unsafe_t.render(
-            category=category, concept=concept, description=description, idx=1, n=n), ImagePrompt))
-    second = {r.key: r for r in setup.run(unsafe)}
-    safe = []
-    for (category, concept, _), request in zip(described, unsafe):
-        reply = second[request.key]
-        p_h = reply.value.prompt if reply.ok else (reply.raw or "a street at night")
-        safe.append(LLMRequest(request.key.replace("unsafe", "safe"), safe_t.render(
-            category=category, concept=concept, prompt=p_h, avoid=concept), ImagePrompt))
-    phases = [[r for _, _, r in described], unsafe, safe]
+    first = phase_requests(new_t, concepts, ["-"] * len(concepts), ["-"] * len(concepts), n, None)[0]
+    base._matcher(first[0])
+    replies = {r.key: r for r in setup.run(first)}
+    descriptions = [r.value.description if r.ok else "no description" for r in (replies[q.key] for q in first)]
+    unsafe = phase_requests(new_t, concepts, descriptions, ["-"] * len(concepts), n, None)[1]
+    replies = {r.key: r for r in setup.run(unsafe)}
+    p_hs = [r.value.prompt if r.ok else (r.raw or "a street at night") for r in (replies[q.key] for q in unsafe)]
+    sets = {"new": phase_requests(new_t, concepts, descriptions, p_hs, n, config.prompts.safe_temperature)}
+    if any(row.endswith("@old") for row in args.rows):
+        folder = Path(tempfile.mkdtemp(prefix="bench-templates-"))
+        sets["old"] = phase_requests(old_templates(args.old_templates, folder), concepts, descriptions, p_hs, n,
+                                     None)
+    tok = base.tokenizer
+    for name, phases in sets.items():
+        shares = []
+        for label, requests in zip(("describe", "p_h", "p_s"), phases):
+            ids = [tok(tok.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"] for q in requests]
+            shared = common_prefix_length(ids, 1)
+            shares.append(f"{label} {shared} of {sum(map(len, ids)) / len(ids):.0f} "
+                          f"({common_prefix_length(ids, PREFIX_BLOCK)} in {PREFIX_BLOCK}-token blocks)")
+        print(f"# {name} templates, shared prompt prefix tokens of mean prompt tokens: " + "; ".join(shares))
 
     # Rows take turns within each phase (the order rotates), so a load swing on this shared machine
     # hits every row alike; a row's ratio is its median per-phase ratio to generate.
     backends = {row: row_backend(base, row) for row in args.rows}
     seconds: dict[str, list[float]] = {row: [] for row in args.rows}
     outcomes: dict[str, list[Any]] = {row: [] for row in args.rows}
-    for p, requests in enumerate(phases):
+    for p in range(3):
         order = args.rows[p % len(args.rows):] + args.rows[:p % len(args.rows)]
         for row in order:
             torch.set_num_threads(auto_threads if row == "+threads" else args.threads)
             start = time.perf_counter()
-            outcomes[row] += list(backends[row].run(requests))
+            outcomes[row] += list(backends[row].run(sets["old" if row.endswith("@old") else "new"][p]))
             seconds[row].append(time.perf_counter() - start)
             print(f"  phase {p + 1} {row}: {seconds[row][-1]:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
-    tok = base.tokenizer
     results = []
     for row in args.rows:
         flat = outcomes[row]
@@ -187,9 +232,11 @@ def main() -> None:
         results.append((row, sum(seconds[row]), len(flat), generated, sum(r.ok for r in flat),
                         backends[row].usage(), ratios[len(ratios) // 2],
                         auto_threads if row == "+threads" else args.threads))
-    prompt_tokens = sum(len(tok(tok.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=False),
-                                add_special_tokens=False)["input_ids"]) for phase in phases for q in phase)
-    print(f"\nprompt tokens per pass: {prompt_tokens} over {sum(len(p) for p in phases)} requests")
+    for name, phases in sets.items():
+        prompt_tokens = sum(len(tok(tok.apply_chat_template(q.messages, add_generation_prompt=True,
+                                                            tokenize=False), add_special_tokens=False)["input_ids"])
+                            for phase in phases for q in phase)
+        print(f"\n{name} templates: prompt tokens per pass: {prompt_tokens} over {sum(map(len, phases))} requests")
     print("| row | seconds | requests/s | generated tokens/s | speed-up vs generate (median of phases) "
           "| stage-2-equivalent s | valid | threads | prefix tokens computed / reused |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
