@@ -56,6 +56,16 @@ class ConsoleFilter(logging.Filter):
             or record.levelno >= logging.ERROR
 
 
+def _reopen_library_handlers() -> None:
+    """datasets, transformers and diffusers give their loggers a handler on the stderr of the moment they were
+    first used; one whose stream was closed since (a finished in-process CLI call) is pointed at today's."""
+    for name in ("datasets", "transformers", "diffusers", "huggingface_hub"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and getattr(handler.stream, "closed", False):
+                handler.setStream(sys.stderr)
+
+
 def setup_console(verbose: bool = False) -> None:
     """The console handler of the ``sage`` command (idempotent: a second call replaces the first)."""
     os.environ[QUIET_FLAG] = "0" if verbose else "1"  # worker processes inherit it
@@ -64,6 +74,7 @@ def setup_console(verbose: bool = False) -> None:
             os.environ.setdefault(key, value)
         _quiet_loaded_libraries()
     install_redaction()
+    _reopen_library_handlers()
     logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger: the stage log, not the console
     root = logging.getLogger()
     for handler in list(root.handlers):

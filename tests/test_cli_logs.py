@@ -60,3 +60,20 @@ def test_console_shows_library_warnings_only_with_verbose(monkeypatch):
     assert sum(getattr(h, "_sage_console", False) for h in root.handlers) == 1
     for handler in [h for h in root.handlers if getattr(h, "_sage_console", False)]:
         root.removeHandler(handler)
+
+
+def test_a_library_handler_left_on_a_closed_stream_is_pointed_at_the_current_stderr():
+    """datasets binds its handler to the stderr of its first use; a later in-process CLI call must not fail
+    to log ("--- Logging error ---", a traceback) because that stream was closed since."""
+    import io
+
+    stale = io.StringIO()
+    handler = logging.StreamHandler(stale)
+    library = logging.getLogger("datasets")
+    library.addHandler(handler)
+    try:
+        stale.close()
+        setup_console(False)
+        assert handler.stream is not stale and not handler.stream.closed
+    finally:
+        library.removeHandler(handler)

@@ -157,11 +157,13 @@ N_PAIRS = 7 * 4  # make_fake_run: 7 categories x 1 concept x 4 pairs
 
 
 def render_run(tmp_path: Path, name: str, steps: int = 4) -> tuple[Path, Path]:
-    """A run dir with fake stages 1-2 (28 pairs) and a pipeline rendering them with the tiny SDXL."""
+    """A run dir with fake stages 1-2 (28 pairs) and a pipeline rendering them with the tiny SDXL (not screened:
+    these tests count every pair's two images; screening is tested in tests/test_screen*.py)."""
     run, config = make_fake_run(tmp_path / name, n_users=8, concepts_per_category=1)
     base = load_config(DEMO)
     config = config.model_copy(update={"render": base.render.model_copy(update={
-        "steps": steps, "batch_size": 2, "threads": 1})})
+        "steps": steps, "batch_size": 2, "threads": 1,
+        "screen": base.render.screen.model_copy(update={"enabled": False})})})
     pipeline = tmp_path / f"{name}.yaml"
     pipeline.write_text(dump_config(config))
     return run.root, pipeline
