@@ -63,7 +63,7 @@ def _reopen_library_handlers() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
                     and getattr(handler.stream, "closed", False):
-                handler.setStream(sys.stderr)
+                handler.stream = sys.stderr  # not setStream: it flushes the closed stream first
 
 
 def setup_console(verbose: bool = False) -> None:

@@ -48,6 +48,8 @@ def sample(
         raise ConfigError(f"--sampler: unknown sampler '{sampler}'; choose psalign or config")
     if n <= 0:
         raise ConfigError(f"-n: must be > 0 (got {n})")
+    if out.is_dir():
+        raise ConfigError(f"-o {out}: is a folder; name the CSV file to write, e.g. -o {out / 'users.csv'}")
     rows = write_users_csv(out, sampler, seed, n, demographics)
     typer.echo(f"{rows} users -> {out}")
 
