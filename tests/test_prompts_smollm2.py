@@ -50,3 +50,5 @@ def test_smollm2_pairs_are_valid_or_rejected_for_a_stated_reason(tmp_path: Path,
         assert reject["reason"] in REASONS and reject["step"] in {"unsafe", "safe", "pair"}
     report = json.loads((out / "quality.json").read_text())
     assert report["summary"]["pairs"] == len(pairs) == manifest.stats["pairs"]
+    usage = manifest.stats["llm_usage"]  # read before the backend closed: the engine that served
+    assert usage["decoder"] == "cached" and usage["prefix_tokens_computed"] > 0

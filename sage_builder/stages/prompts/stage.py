@@ -137,9 +137,9 @@ class PromptsStage(Stage):
             rounds = pair_rounds(config, template_hashes(self, config), self.token_counter(config).load())
             pairs, rejects = rounds.run(llm, concepts)
         finally:
+            if llm.backend is not None:  # before close(): the transformers backend drops its engine then
+                ctx.stats["llm_usage"] = llm.backend.usage()
             llm.close()
-        if llm.backend is not None:
-            ctx.stats["llm_usage"] = llm.backend.usage()
         ctx.write_table("pairs.parquet", pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA))
         ctx.write_table("rejects.parquet", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
         report = quality_report(config.categories, concepts, dropped, pairs, rejects,
