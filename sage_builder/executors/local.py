@@ -153,6 +153,7 @@ class _Runs:
 
     def _died(self, pool: ProcessPoolExecutor, in_flight: list[int]) -> str:
         """The line for a worker process that vanished (killed, OOM): which one, at which unit."""
+        self.drain()  # a "unit started" event written just before the death may still be unread
         # concurrent.futures keeps no public handle on its processes; their exit codes say who died.
         processes = dict(getattr(pool, "_processes", None) or {})
         terminated = (0, None, -signal.SIGTERM)

@@ -47,14 +47,16 @@ def generate(
     from sage_builder.runtime import resolve_device
     from sage_builder.stages.train.adapter import UserAdapter
     from sage_builder.stages.train.card import resolve_base_model
-    from sage_builder.stages.train.generate import load_pipeline_for, render, render_grid
+    from sage_builder.stages.train.generate import load_pipeline_for, render, render_grid, user_from_profile
 
     setup_logging(verbose)
     check_generate_arguments(user, level, profile, grid, prompt, steps, guidance, resolution, threads, dtype, out)
     device = resolve_device(device, "--device")
     user_adapter = UserAdapter.load(adapter)
+    users, setup = _users(adapter, user_adapter, user, level, grid, dataset, profile, config, embedding_model, device)
     base_model = resolve_base_model(adapter, user_adapter.config, model)
-    users = _users(adapter, user_adapter, user, level, grid, dataset, profile, config, embedding_model, device)
+    if setup is not None:  # the embedding LLM loads only after every check passed
+        users.append(user_from_profile(profile, setup))
     pipeline = load_pipeline_for(user_adapter, base_model, device, dtype, threads)
     size = resolution or int(user_adapter.config.training.get("resolution") or 0) or \
         int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor
@@ -71,20 +73,20 @@ def generate(
 
 def _users(adapter: Path, user_adapter: Any, user: Optional[list[str]], level: Optional[list[int]], grid: bool,
            dataset: Optional[str], profile: Optional[Path], config: Optional[Path], embedding_model: Optional[str],
-           device: str) -> list[Any]:
-    """Who to render for: dataset users and levels first, then a new profile (embedded like stage 1)."""
+           device: str) -> tuple[list[Any], Any]:
+    """(dataset users and levels, the embedding setup for a new profile or None), checked, nothing loaded."""
     from sage_builder.stages.train.card import resolve_dataset
-    from sage_builder.stages.train.generate import (profile_embedding_setup, read_profile, user_from_profile,
-                                                    users_from_dataset)
+    from sage_builder.stages.train.generate import profile_embedding_setup, read_profile, users_from_dataset
 
     users = []
     if user or level or grid:
         source = resolve_dataset(adapter, user_adapter.config, dataset)
         users += users_from_dataset(source, user_ids=list(user or []), levels=list(level or []), all_levels=grid)
+    setup = None
     if profile:
         read_profile(profile)
-        users.append(user_from_profile(profile, profile_embedding_setup(adapter, config, embedding_model, device)))
-    return users
+        setup = profile_embedding_setup(adapter, config, embedding_model, device)
+    return users, setup
 
 
 def register(app: typer.Typer) -> None:
