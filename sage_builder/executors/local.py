@@ -160,6 +160,8 @@ class _Runs:
         for index in in_flight:
             pid, label = self.started.get(index, (None, None))
             process = processes.get(pid)
+            if process is not None and process.exitcode is None:
+                process.join(timeout=2.0)  # not reaped yet: its exit code says whether it is the one that died
             if label and (process is None or process.exitcode not in terminated):
                 code = f" (exit code {process.exitcode})" if process is not None else ""
                 return failure_line(label, f"died{code} (its process was killed, e.g. out of memory)",
