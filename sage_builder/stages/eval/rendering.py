@@ -15,9 +15,7 @@ kill loses at most the batches in flight and a rerun renders only the missing ke
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -247,31 +245,16 @@ def render_missing(executor: Executor, images: Sequence[EvalImage], render_confi
     total = sum(len(b) for b in batches)
     if not total:
         return 0, 0
+    from sage_builder.stages.render.workers import shared_marker
+
     units = executor.cut_units(batches)
     worker = EvalRenderWorker(render_config, settings, revision, cache.directory, adapters, embeddings, scale)
     bar = progress(total=total, desc=f"eval render ({executor.name})", unit="img")
     written = 0
     try:
-        with _shared_marker(cache, worker, executor.remote):
+        with shared_marker(cache, worker, executor.remote):
             for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
                 written += count
     finally:
         bar.close()
     return written, len(units)
-
-
-@contextmanager
-def _shared_marker(cache: ItemCache, worker: EvalRenderWorker, remote: bool) -> Iterator[None]:
-    """Remote workers first prove that they see the run directory (as render's workers do)."""
-    from sage_builder.stages.render.workers import MARKER_PREFIX
-
-    cache.directory.mkdir(parents=True, exist_ok=True)
-    if not remote:
-        yield
-        return
-    worker.marker = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
-    (cache.directory / worker.marker).touch()
-    try:
-        yield
-    finally:
-        (cache.directory / worker.marker).unlink(missing_ok=True)

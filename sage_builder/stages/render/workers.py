@@ -131,7 +131,7 @@ def render_missing(executor: Executor, config: RenderConfig, settings: RenderSet
     bar = progress(total=total, desc=f"render ({executor.name})", unit="img")
     written = 0
     try:
-        with _shared_marker(cache, worker, executor.remote):
+        with shared_marker(cache, worker, executor.remote):
             for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
                 written += count
     finally:
@@ -140,7 +140,8 @@ def render_missing(executor: Executor, config: RenderConfig, settings: RenderSet
 
 
 @contextmanager
-def _shared_marker(cache: ItemCache, worker: RenderWorker, remote: bool) -> Iterator[None]:
+def shared_marker(cache: ItemCache, worker: Any, remote: bool) -> Iterator[None]:
+    """Remote workers first prove that they see the run directory: ``worker.marker`` names a file they must find."""
     cache.directory.mkdir(parents=True, exist_ok=True)
     if not remote:
         yield
