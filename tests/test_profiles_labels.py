@@ -154,6 +154,22 @@ def test_enforced_schema_refuses_a_reply_that_names_a_fixed_category(spec):
     assert free.key("0000002", child) != factory.key("0000002", child)
 
 
+@pytest.mark.parametrize("name, enforce", [("ban_categories.txt", False), ("ban_categories_enforced.txt", True)])
+def test_ban_templates_put_the_user_last(spec, name, enforce):
+    """Two users' requests share every token up to "User profile: " (the cached engine prefills it once)."""
+    from sage_builder.templates import load_template
+
+    factory = labelling.BanLabelRequestFactory(load_template(REPO / "prompts" / name), CATEGORIES, {"model": "m"},
+                                               spec if enforce else None)
+    child, adult = sample_psalign(spec, 24, 2025)[1], spec.permissive()
+    one, other = (factory.request(uid, user).messages for uid, user in (("0000002", child), ("0001001", adult)))
+    assert one[:-1] == other[:-1]
+    a, b = one[-1]["content"], other[-1]["content"]
+    shared = a.index("User profile: ") + len("User profile: ")
+    assert a[:shared] == b[:shared] and a[shared:] != b[shared:]
+    assert "Reply with" in a[:shared]  # the instruction comes before the fields
+
+
 @pytest.mark.slow
 def test_enforce_with_constrained_decoding_of_a_random_model(tmp_path, tiny_llama):
     """A random-weight Llama through the transformers backend (llguidance): gibberish in spirit,

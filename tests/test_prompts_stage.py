@@ -302,7 +302,11 @@ def test_safe_temperature_asks_only_p_s_again_at_that_temperature(tmp_path: Path
     # p_h, descriptions and expansions are cached (their keys did not change); every p_s is new, at 1.0
     assert temperatures == {"ImagePrompt:other": 1.0}
     assert len(again.calls) == 6 * 3
-    assert {r["prompt_safe"] for r in table(tmp_path / "run", "pairs.parquet")}
+    rows = table(tmp_path / "run", "pairs.parquet")
+    assert {r["prompt_safe"] for r in rows}
+    # each side's temperature is recorded: p_h at llm.temperature, p_s at prompts.safe_temperature
+    llm_temperature = make_config(tmp_path, tokenizer_dir).llm.temperature
+    assert {(r["llm_temperature"], r["llm_temperature_safe"]) for r in rows} == {(llm_temperature, 1.0)}
 
 
 def test_templates_put_the_per_request_fields_last() -> None:

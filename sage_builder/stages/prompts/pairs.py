@@ -30,7 +30,8 @@ PAIR_SCHEMA = pa.schema([
     ("prompt_safe", pa.string()), ("tokens_unsafe", pa.int32()), ("tokens_safe", pa.int32()),
     ("edit_similarity", pa.float32()), ("attempt", pa.int32()), ("seed_unsafe", pa.int64()),
     ("seed_safe", pa.int64()), ("llm_backend", pa.string()), ("llm_model", pa.string()),
-    ("llm_revision", pa.string()), ("llm_temperature", pa.float32()), ("llm_top_p", pa.float32()),
+    ("llm_revision", pa.string()), ("llm_temperature", pa.float32()), ("llm_temperature_safe", pa.float32()),
+    ("llm_top_p", pa.float32()),
     ("llm_max_new_tokens", pa.int32()), ("llm_seed", pa.int64()), ("template_unsafe", pa.string()),
     ("template_safe", pa.string()),
 ])
@@ -209,6 +210,9 @@ class PairRounds:
                 "tokens_safe": validator.tokens(p_s), "edit_similarity": validator.similarity(p_h, p_s),
                 "attempt": attempt, "seed_unsafe": u_row["seed"], "seed_safe": s_row["seed"],
                 "llm_backend": llm.backend, "llm_model": llm.served_model_name or llm.model,
-                "llm_revision": llm.revision, "llm_temperature": llm.temperature, "llm_top_p": llm.top_p,
+                "llm_revision": llm.revision, "llm_temperature": llm.temperature,
+                "llm_temperature_safe": (llm.temperature if self.config.prompts.safe_temperature is None
+                                         else self.config.prompts.safe_temperature),
+                "llm_top_p": llm.top_p,
                 "llm_max_new_tokens": llm.max_new_tokens, "llm_seed": llm.seed,
                 "template_unsafe": self.hashes["pair_unsafe"], "template_safe": self.hashes["pair_safe"]}
