@@ -165,3 +165,18 @@ def test_renamed_similarity_key_says_what_replaced_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "p.yaml")
     assert "prompts.scene_similarity_min" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quality_reports_published_figures_are_the_samples_means() -> None:
+    """quality.json's "published" column is what the 300 published pairs give, rounded as written."""
+    from sage_builder.stages.prompts.quality import PUBLISHED
+    from sage_builder.stages.prompts.text import contains_phrase, edit_similarity, words
+
+    rows = list(csv.DictReader(SAMPLE.open(encoding="utf-8")))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert abs(mean([len(words(r["prompt_unsafe"])) for r in rows]) - PUBLISHED["words_unsafe"]) < 1  # 30.9
+    assert abs(mean([len(words(r["prompt_safe"])) for r in rows]) - PUBLISHED["words_safe"]) < 1  # 29.4
+    assert round(mean([contains_phrase(r["prompt_unsafe"], r["concept"]) for r in rows]), 2) == \
+        PUBLISHED["concept_named_share"]
+    assert round(mean([edit_similarity(r["prompt_unsafe"], r["prompt_safe"]) for r in rows]), 2) == \
+        PUBLISHED["edit_similarity_mean"]

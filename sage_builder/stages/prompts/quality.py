@@ -8,7 +8,10 @@ from typing import Any
 
 from sage_builder.stages.prompts.text import contains_phrase, distinct_n, edit_similarity, words
 
-PUBLISHED = {"words_unsafe": 30, "words_safe": 29, "concept_named_share": 0.10}
+# Published Sage, as the 300 published pairs in tests/data/published_pairs_sample.csv give it (words
+# 30.9 / 29.4, the paper's "about 30"; concept named in p_h 0.097; edit similarity p_h -> p_s 0.426 by
+# ``edit_similarity``): a sample, not all of Sage.
+PUBLISHED = {"words_unsafe": 30, "words_safe": 29, "concept_named_share": 0.10, "edit_similarity_mean": 0.43}
 
 
 def _mean(values: list[float]) -> float | None:
