@@ -25,7 +25,8 @@ def test_run_without_stage_3(tmp_path):
     run, config = make_fake_run(tmp_path / "run", n_users=8, pairs_per_category=1)
     run.stage("render").manifest_path.unlink()
     message = _fails(run, config)
-    assert "render/manifest.json" in message and "sage stage render" in message
+    assert "render/manifest.json" in message and "sage stage render --config " in message
+    assert f"--run-dir {run.root}" in message  # a hint typed as shown reruns this run, with its config
 
 
 def test_render_index_missing(tmp_path):

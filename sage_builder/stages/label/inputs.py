@@ -32,16 +32,16 @@ def check_inputs(run: RunDir) -> None:
         manifest = stage_dir.read_manifest()
         if manifest is None:
             raise StageInputError(f"{stage_dir.manifest_path}: missing, so stage '{stage}' is not done; "
-                                  f"run `sage stage {stage} --run-dir {run.root}` first")
+                                  f"run `{run.stage_command(stage)}` first")
         for rel in files:
             path = stage_dir.file(rel)
             if not path.exists():
-                raise StageInputError(f"{path}: missing (stage '{stage}' output); rerun `sage stage {stage} "
-                                      f"--run-dir {run.root} --force`")
+                raise StageInputError(f"{path}: missing (stage '{stage}' output); rerun "
+                                      f"`{run.stage_command(stage, '--force')}`")
             recorded = manifest.outputs.get(rel)
             if recorded is not None and file_sha256(path) != recorded.sha256:
                 raise StageInputError(f"{path}: sha256 does not match {stage_dir.manifest_path} (the file comes "
-                                      f"from another run or was edited); restore it or rerun `sage stage {stage}`")
+                                      f"from another run or was edited); restore it or rerun `{run.stage_command(stage)}`")
         manifests[stage] = manifest
     for stage, manifest in manifests.items():
         for upstream, recorded in manifest.inputs.items():
@@ -49,7 +49,7 @@ def check_inputs(run: RunDir) -> None:
                 raise StageInputError(
                     f"{run.stage(upstream).manifest_path}: hash {manifests[upstream].content_hash()[:12]} is not the "
                     f"input {recorded[:12]} that {run.stage(stage).manifest_path} was built from (outputs of "
-                    f"different runs are mixed); rerun `sage stage {stage} --run-dir {run.root}`")
+                    f"different runs are mixed); rerun `{run.stage_command(stage)}`")
 
 
 def rendered_pairs(run: RunDir) -> pa.Table:

@@ -41,7 +41,7 @@ class RenderImages:
             path = self.render.file(shard)
             if not path.exists():
                 raise StageInputError(f"{path}: missing render shard (named in {self.render.file('index.parquet')}); "
-                                      f"rerun `sage stage render --run-dir {self.run.root}`")
+                                      f"rerun `{self.run.stage_command('render')}`")
             self.cache.clear()  # shards are read in render order: keep one in memory
             self.cache[shard] = pq.read_table(path)
         return self.cache[shard]
@@ -52,7 +52,7 @@ class RenderImages:
         table = self.shard(shard)
         if row >= table.num_rows:
             raise StageInputError(f"{self.render.file(shard)} row {row}: no such row (index.parquet is stale); "
-                                  f"rerun `sage stage render --force`")
+                                  f"rerun `{self.run.stage_command('render', '--force')}`")
         rec = table.slice(row, 1).to_pylist()[0]
         data = rec["image"]
         if rec["pair_id"] != pid or rec["variant"] != variant or hashlib.sha256(data).hexdigest() != sha:

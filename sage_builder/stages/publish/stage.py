@@ -73,7 +73,7 @@ def check_label_fresh(config: PipelineConfig, run: RunDir, dry_run: bool = False
     if reason is None:
         return None
     line = (f"{run.stage('label').path} is stale ({reason}): the card's lineage would disagree with the pushed "
-            f"manifests; rerun `sage stage label --run-dir {run.root}` (with the same --config) first")
+            f"manifests; rerun `{run.stage_command('label')}` first")
     if dry_run or config.publish.allow_stale:
         log.warning("publish: %s", line)
         return line

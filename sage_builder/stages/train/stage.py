@@ -45,7 +45,7 @@ def verify_label_dataset(run: RunDir, manifest: Manifest) -> None:
     """
     label = run.stage("label")
     root = label.file("dataset")
-    fix = f"rerun `sage stage label --run-dir {run.root} --force` to rewrite the dataset"
+    fix = f"rerun `{run.stage_command('label', '--force')}` to rewrite the dataset"
     recorded = {rel.removeprefix("dataset/") for rel in manifest.outputs if rel.startswith("dataset/")}
     if not recorded:
         raise StageInputError(f"{label.manifest_path}: lists no files of {root}, so the dataset cannot be verified; "
