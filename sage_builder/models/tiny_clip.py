@@ -95,6 +95,9 @@ def prepare_tiny_clip(out: Path, sdxl_dir: Path, n_calibration: int = 16) -> Pat
     import torch
     from diffusers import StableDiffusionXLPipeline
 
+    from sage_builder.logs import quiet_libraries
+
+    quiet_libraries()  # no "Loading pipeline components" bar unless -v
     pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(i) for i in range(n_calibration)]
