@@ -102,3 +102,18 @@ def test_a_pilot_with_other_models_or_resolution_is_refused(tmp_path):
     render = next(s for s in same["stages"] if s["stage"] == "render")
     shard = (pilot / "render" / "shards" / "images-00000.parquet").stat().st_size
     assert same["summary"]["warnings"] == [] and render["disk_bytes"] == pytest.approx(render["items"] * shard / 10, abs=1)
+
+
+def test_eval_pilot_measures_seconds_per_image_of_the_whole_stage(tmp_path):
+    """Render x workers per image rendered now, plus scoring/judge/FID seconds per image scored."""
+    pilot = _cpu_pilot(tmp_path / "pilot")
+    stage = RunDir(pilot).stage("eval")
+    stage.path.mkdir(parents=True)
+    stage.write_manifest(Manifest(stage="eval", fingerprint="f", config_hash="c", outputs={}, rows={},
+                                  stats={"rendered_now": 8, "images": 10, "workers": 2, "render_device": "cpu",
+                                         "phase_seconds": {"render": 12.0, "scores": 3.0, "fid_clip": 2.0}}))
+    data = plan_json("--config", str(DEMO), "--measured", str(pilot))
+    row = next(s for s in data["stages"] if s["stage"] == "eval")
+    per_image = 12.0 * 2 / 8 + (3.0 + 2.0) / 10
+    assert row["cpu_seconds"] == pytest.approx(row["items"] * per_image, abs=0.1) and row["gpu_seconds"] is None
+    assert any("CPU-s per image measured in" in note and "8 images rendered" in note for note in row["notes"])

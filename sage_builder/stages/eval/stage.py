@@ -26,6 +26,7 @@ from sage_builder.store import RunDir, atomic_write_text
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
+    from sage_builder.planning import MeasuredCost
 
 log = logging.getLogger("sage.eval")
 
@@ -125,6 +126,24 @@ class EvalStage(Stage):
         return StagePlan(items=images, unit="images", llm_calls=judge_calls, gpu_seconds=images * per_image,
                          notes=notes)
 
+    def measured_cost(self, run: RunDir, pilot: PipelineConfig) -> MeasuredCost | None:
+        """Seconds per image of the whole stage: render-seconds x workers per image rendered now, plus
+        scoring, judge and FID/CLIP seconds per image scored (``sage plan --measured``)."""
+        from sage_builder.planning import MeasuredCost
+
+        manifest = run.stage(self.name).read_manifest()
+        stats = manifest.stats if manifest is not None else {}
+        phases, written, images = stats.get("phase_seconds") or {}, stats.get("rendered_now") or 0, stats.get("images")
+        if not written or not phases.get("render") or not images:
+            return None
+        workers = stats.get("ray_workers") or stats.get("workers") or 1
+        device = str(stats.get("render_device", "cpu"))
+        rest = sum(v for k, v in phases.items() if k != "render")
+        seconds = phases["render"] * workers / written + rest / images
+        return MeasuredCost(seconds, 1.0 if device.startswith("cuda") else 0.0, device,
+                            f"{run.root}/eval ({written} images rendered on {workers} {device} worker(s), "
+                            f"{images} scored)", unit="image")
+
     def run(self, ctx: StageContext) -> None:
         from sage_builder.stages.eval.evaluate import Evaluation
 
@@ -133,6 +152,7 @@ class EvalStage(Stage):
                         adapter_folders(ctx.config, ctx.run)) as evaluation:
             summary = evaluation.run(ctx)
             rendered_now, phases, facts = evaluation.rendered_now, evaluation.seconds, evaluation.executor_facts
+            facts = {**facts, "render_device": evaluation.executor.device}
         ctx.stats.update({"prompts": summary["prompt_sets"], "images": summary["images"],
                           "rendered_now": rendered_now, "not_run": summary["not_run"],
                           "ip": {f"{e['prompt_set']}/{e['method']}" + ("" if e["level"] is None else f"/L{e['level']}"):
