@@ -193,7 +193,8 @@ def llm_script() -> Any:
     names = {"ConceptDescription", "ConceptExpansion", "ImagePrompt"}
 
     def script(request: dict[str, Any], call: int) -> Any:
-        name = request["response_format"]["json_schema"]["name"]
+        # A request without a schema (the backend's readiness probe) gets the server's default.
+        name = ((request.get("response_format") or {}).get("json_schema") or {}).get("name")
         return prompts(request, call) if name in names else None
 
     return script
