@@ -47,8 +47,8 @@ def main() -> int:
     from sage_builder.stages.eval.methods import EvalImage, prompt_seed
     from sage_builder.stages.eval.rendering import AdapterSwitch, cut_batches, render_eval_batches
     from sage_builder.stages.render.config import RenderConfig
-    from sage_builder.stages.render.engine import RenderSettings, load_pipeline, make_batch_invariant
-    from sage_builder.stages.train.adapter import UserAdapter
+    from sage_builder.diffusion import RenderSettings, load_pipeline, make_batch_invariant
+    from sage_builder.adapter import UserAdapter
     from sage_builder.store import ItemCache
 
     torch.set_num_threads(args.threads)

@@ -45,7 +45,7 @@ def main() -> int:
     from diffusers import StableDiffusionXLPipeline
 
     from sage_builder.stages.render.config import RenderConfig
-    from sage_builder.stages.render.engine import (ImageJob, RenderSettings, image_key, load_pipeline,
+    from sage_builder.diffusion import (ImageJob, RenderSettings, image_key, load_pipeline,
                                                    make_batch_invariant, pair_seed, render_jobs)
     from sage_builder.store import ItemCache
 

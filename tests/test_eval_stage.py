@@ -22,7 +22,7 @@ def _fake_train_stage(run: RunDir, models_dir: Path, embedding_dim: int) -> None
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sage_builder.stages.train.adapter import UserAdapter
+    from sage_builder.adapter import UserAdapter
 
     unet = UNet2DConditionModel.from_pretrained(str(models_dir / "tiny-sdxl" / "unet"), local_files_only=True)
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ def test_a_failing_unit_in_a_worker_process_is_one_line(tiny_run, models_dir, tm
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sage_builder.stages.train.adapter import UserAdapter
+    from sage_builder.adapter import UserAdapter
 
     run, data = tiny_run
     work = RunDir(tmp_path / "run")

@@ -159,6 +159,23 @@ def test_no_import_loops_counting_imports_inside_functions():
     assert import_loops(graph) == []
 
 
+def test_stages_never_import_each_other():
+    """A stage reads another's outputs, never its modules (STYLE.md): shared code lives outside
+    ``stages/`` (``diffusion.py``, ``adapter.py``, ``user_embedding.py``). Config sections are the
+    exception: the typed config is one tree (``sage_builder.config`` assembles every section)."""
+    offenders = []
+    for name, edges in import_graph(module_level_only=False).items():
+        parts = name.split(".")
+        if len(parts) < 4 or parts[1] != "stages":
+            continue
+        for target in edges:
+            other = target.split(".")
+            if (len(other) >= 4 and other[1] == "stages" and other[2] not in (parts[2], "base")
+                    and other[-1] != "config"):
+                offenders.append(f"{name} -> {target}")
+    assert sorted(offenders) == []
+
+
 def test_no_import_order_crutches():
     """No module imports another only for its side effect of being imported first, or late on purpose."""
     crutch = re.compile(r"^import sage_builder\.\S+\s+# noqa|# noqa: E402|^# Imported late", re.MULTILINE)

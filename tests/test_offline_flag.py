@@ -36,7 +36,7 @@ HUB_ID = sys.argv[1]
 
 def render():
     from sage_builder.stages.render.config import RenderConfig
-    from sage_builder.stages.render.engine import load_pipeline
+    from sage_builder.diffusion import load_pipeline
 
     load_pipeline(RenderConfig(model=HUB_ID, backbone="sd15"), "cpu")
 

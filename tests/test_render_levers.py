@@ -23,7 +23,7 @@ PROMPTS = ["a knife fight in an alley", "two friends cooking", "riot police at n
 
 
 def _jobs():
-    from sage_builder.stages.render.engine import ImageJob, pair_seed
+    from sage_builder.diffusion import ImageJob, pair_seed
 
     return [ImageJob(f"k{i}", p, pair_seed(7, f"pair{i // 2}")) for i, p in enumerate(PROMPTS)]
 
@@ -39,7 +39,7 @@ def render_config(models_dir: Path, **levers):
 
 def worker(models_dir: Path, **levers):
     """(a worker's pipeline with ``levers``, render(pipe, jobs) -> uint8 as the worker renders a batch)."""
-    from sage_builder.stages.render.engine import RenderSettings, generate_batch
+    from sage_builder.diffusion import RenderSettings, generate_batch
     from sage_builder.stages.render.workers import load_worker_pipeline
 
     config = render_config(models_dir, **levers).render
@@ -127,7 +127,7 @@ def test_a_lever_the_device_lacks_is_a_one_line_error_before_loading(models_dir,
 
 
 def test_levers_are_execution_only(models_dir):
-    from sage_builder.stages.render.engine import RenderSettings, image_key
+    from sage_builder.diffusion import RenderSettings, image_key
 
     plain = render_config(models_dir)
     fast = render_config(models_dir, compile=True, compile_mode="reduce-overhead", compile_vae=True,

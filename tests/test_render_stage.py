@@ -62,7 +62,7 @@ def clean_run(tmp_path_factory, models_dir):
 def test_pair_alone_matches_pair_inside_batch_of_4(models_dir, backbone, folder):
     import numpy as np
 
-    from sage_builder.stages.render.engine import (ImageJob, RenderSettings, generate_batch, load_pipeline,
+    from sage_builder.diffusion import (ImageJob, RenderSettings, generate_batch, load_pipeline,
                                                    make_batch_invariant, pair_seed)
 
     config = make_config(models_dir, backbone=backbone, model=str(models_dir / folder)).render
@@ -134,7 +134,7 @@ def test_rerun_renders_nothing_and_small_shards_split(clean_run, models_dir):
 
 @pytest.mark.slow
 def test_shard_budget_splits_shards_and_removes_stale_ones(clean_run, tmp_path):
-    from sage_builder.stages.render.engine import RenderSettings
+    from sage_builder.diffusion import RenderSettings
     from sage_builder.stages.render.shards import assemble_shards
     from sage_builder.stages.render.stage import plan_images, read_pairs
 
@@ -155,7 +155,7 @@ def test_shard_budget_splits_shards_and_removes_stale_ones(clean_run, tmp_path):
 
 @pytest.mark.slow
 def test_crash_then_resume_gives_identical_output(tmp_path, models_dir, clean_run, monkeypatch):
-    from sage_builder.stages.render import engine
+    from sage_builder import diffusion as engine
 
     _, reference = clean_run
     run = make_prompts(tmp_path / "run", 6)
@@ -215,7 +215,7 @@ def test_lossless_webp_roundtrips_pixels(tmp_path, models_dir):
     import numpy as np
     from PIL import Image
 
-    from sage_builder.stages.render.engine import encode_image
+    from sage_builder.diffusion import encode_image
 
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for encoding in ("webp", "png"):
@@ -280,7 +280,7 @@ def test_plan_counts_images_and_gpu_seconds(models_dir):
 
 
 def test_image_key_depends_on_settings_not_batching(models_dir):
-    from sage_builder.stages.render.engine import RenderSettings, image_key
+    from sage_builder.diffusion import RenderSettings, image_key
 
     base = make_config(models_dir).render
     key = image_key("p", 1, RenderSettings.from_config(base, "cpu"))
@@ -292,7 +292,7 @@ def test_image_key_depends_on_settings_not_batching(models_dir):
 
 
 def test_batches_are_cut_from_the_whole_plan():
-    from sage_builder.stages.render.engine import ImageJob
+    from sage_builder.diffusion import ImageJob
     from sage_builder.stages.render.workers import cut_batches
 
     jobs = [ImageJob(f"k{i}", f"p{i}", i) for i in range(10)]
@@ -310,7 +310,7 @@ def test_batched_prompt_encoding_matches_one_by_one(models_dir, folder):
     """The GPU path encodes a batch at once; it must give the same tensors (up to rounding)."""
     import torch
 
-    from sage_builder.stages.render.engine import RenderSettings, encode_prompts, load_pipeline
+    from sage_builder.diffusion import RenderSettings, encode_prompts, load_pipeline
 
     config = make_config(models_dir, backbone="sdxl" if "xl" in folder else "sd15",
                          model=str(models_dir / folder), negative_prompt="blurry").render

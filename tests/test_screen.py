@@ -17,7 +17,7 @@ from sage_builder.safety import ImageScorer, ImageVerdict
 from sage_builder.safety.config import ScreenConfig
 from sage_builder.stages.render import screen as screening
 from sage_builder.stages.render.config import RenderConfig
-from sage_builder.stages.render.engine import RenderSettings, image_key
+from sage_builder.diffusion import RenderSettings, image_key
 from sage_builder.stages.render.screen import Screening, attempt_seed, decide, pair_outcome
 from sage_builder.stages.render.shards import PlannedImage
 from sage_builder.store import ITEM_KEY, RunDir
@@ -98,7 +98,7 @@ def run_screening(tmp_path, monkeypatch, **screen):
     render = FakeRender(stage_dir.items("images"))
     planned = []
     first_jobs = []
-    from sage_builder.stages.render.engine import ImageJob
+    from sage_builder.diffusion import ImageJob
 
     for pair in PAIRS:
         seed = seed_of(pair["pair_id"], 1)

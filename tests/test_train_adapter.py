@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sage_builder.errors import SageError
-from sage_builder.stages.train.adapter import UserAdapter, UserAttnProcessor, cross_attention_layers
+from sage_builder.adapter import UserAdapter, UserAttnProcessor, cross_attention_layers
 from sage_builder.stages.train.trainer import dpo_loss
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sage_builder.config  # noqa: F401  (loads the config tree before the stage section)
-from sage_builder.stages.train import adapter as adapter_module
+from sage_builder import adapter as adapter_module
 from sage_builder.stages.train.config import TrainConfig
 from sage_builder.stages.train.data import load_preference_data
 from sage_builder.stages.train.synthetic import write_synthetic_dataset

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sage_builder.stages.train.adapter import STANDALONE_NAME, UserAdapter
+from sage_builder.adapter import STANDALONE_NAME, UserAdapter
 from sage_builder.stages.train.trainer import CHANCE_LEVEL, grouped_accuracy, implicit_accuracy
 
 BLOCK_SAGE = "import sys; sys.modules['sage_builder'] = None  # importing sage_builder now fails\n"
@@ -76,7 +76,7 @@ def test_standalone_loader_matches_the_package_without_importing_it(tmp_path, mo
 
 
 def test_the_standalone_file_imports_nothing_of_the_package():
-    from sage_builder.stages.train import standalone
+    from sage_builder import adapter_standalone as standalone
 
     source = Path(standalone.__file__).read_text()
     assert "sage_builder" not in "\n".join(line for line in source.splitlines() if "import" in line)

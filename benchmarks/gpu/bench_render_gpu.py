@@ -114,7 +114,7 @@ class Bench:
 
         from sage_builder.models.tiny_diffusion import build_random_sdxl_base, build_tiny_sdxl_pipeline
         from sage_builder.stages.render.config import RenderConfig
-        from sage_builder.stages.render.engine import RenderSettings, prepare_pipeline
+        from sage_builder.diffusion import RenderSettings, prepare_pipeline
 
         self.args, self.torch = args, torch
         self.cuda = args.device.startswith("cuda")
@@ -145,7 +145,7 @@ class Bench:
         return {name: getattr(config, name) for name in INDUCTOR_FLAGS}
 
     def jobs(self, n: int) -> list:
-        from sage_builder.stages.render.engine import ImageJob, image_key, pair_seed
+        from sage_builder.diffusion import ImageJob, image_key, pair_seed
 
         subjects = ["a crowded market at dawn", "a storm over a harbour", "an old library with tall shelves",
                     "a fox in fresh snow", "neon signs in the rain", "a quiet mountain lake", "a busy train station",
@@ -179,7 +179,7 @@ class Bench:
     def plain(self, jobs: list, batch: int, steps: int, sdpa: str) -> dict:
         import numpy as np
 
-        from sage_builder.stages.render.levers import attention_backend
+        from sage_builder.diffusion import attention_backend
 
         pixels = {}
         with attention_backend(sdpa):
@@ -194,7 +194,7 @@ class Bench:
         return pixels
 
     def stage(self, jobs: list, batch: int, steps: int, compiled: bool, sdpa: str) -> tuple[int, Path]:
-        from sage_builder.stages.render.engine import render_jobs
+        from sage_builder.diffusion import render_jobs
         from sage_builder.store import ItemCache
 
         cache = ItemCache(self.workdir / f"cache-{time.monotonic_ns()}")
@@ -220,7 +220,7 @@ class Bench:
         """Host syncs the denoising loop makes per step (from 2- and 4-step latent-only runs)."""
         if not self.cuda:
             return None
-        from sage_builder.stages.render.engine import encode_prompts
+        from sage_builder.diffusion import encode_prompts
 
         jobs = self.jobs(batch)
         counts = []

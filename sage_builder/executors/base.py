@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from sage_builder.errors import SageError
@@ -27,6 +30,8 @@ U = TypeVar("U")
 R = TypeVar("R")
 
 Report = Callable[[int], None]
+
+MARKER_PREFIX = ".visible-to-workers-"
 
 
 @dataclass(frozen=True)
@@ -137,3 +142,26 @@ def raise_first(errors: list[str]) -> None:
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise SageError(errors[0] + more)
+
+
+@contextmanager
+def shared_marker(directory: Path, worker: Any, remote: bool) -> Iterator[None]:
+    """Remote workers first prove that they see the run directory: ``worker.marker`` names a file in
+    ``directory`` that :func:`require_shared` must find on their host."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not remote:
+        yield
+        return
+    worker.marker = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
+    (directory / worker.marker).touch()
+    try:
+        yield
+    finally:
+        (directory / worker.marker).unlink(missing_ok=True)
+
+
+def require_shared(directory: Path, marker: str | None, run_dir: Path) -> None:
+    """In a worker: refuse to start when the driver's marker file is not visible on this host."""
+    if marker and not (directory / marker).exists():
+        raise SageError(f"the run directory {run_dir} is not visible on host {socket.gethostname()}: put it on a "
+                        "file system every Ray node mounts (NFS, Lustre, a bucket mount)")

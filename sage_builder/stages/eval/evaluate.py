@@ -25,7 +25,7 @@ class Evaluation:
         from sage_builder.executors import make_executor
         from sage_builder.runtime import resolve_device
         from sage_builder.stages.eval.inputs import check_adapter, render_config, worker_request
-        from sage_builder.stages.render.engine import RenderSettings, locate_model
+        from sage_builder.diffusion import RenderSettings, locate_model
 
         self.config, self.e, self.stage_dir = config, config.eval, stage_dir
         self.render = render_config(config)

@@ -99,7 +99,7 @@ def plan_images(prompts: list[EvalPrompt], users: dict[str, EvalUser], levels: d
     ``adapter_ids``: "psa" and each eval.adapters name -> :func:`adapter_identity`; ``settings``: the
     render engine's ``RenderSettings`` (its ``negative_prompt`` is every method's base negative).
     """
-    from sage_builder.stages.render.engine import image_key
+    from sage_builder.diffusion import image_key
 
     images: dict[str, EvalImage] = {}
     rows: list[EvalRow] = []

@@ -24,7 +24,7 @@ import numpy as np
 
 from sage_builder.errors import SageError, StageInputError
 from sage_builder.executors import Executor
-from sage_builder.executors.base import WorkerSlot
+from sage_builder.executors.base import WorkerSlot, require_shared, shared_marker
 from sage_builder.progress import progress
 from sage_builder.stages.eval.methods import EvalImage
 from sage_builder.store import ItemCache
@@ -50,7 +50,7 @@ def encode_with_negatives(pipe: Any, images: Sequence[EvalImage], settings: Any,
     """Prompt embeddings where each image may have its own negative prompt (grouped per negative)."""
     import torch
 
-    from sage_builder.stages.render.engine import encode_prompts
+    from sage_builder.diffusion import encode_prompts
 
     groups: dict[str, list[int]] = {}
     for i, image in enumerate(images):
@@ -83,7 +83,7 @@ def generate_eval_batch(pipe: Any, batch: Sequence[EvalImage], settings: Any, in
     plus per-image negative prompts and user tokens."""
     import torch
 
-    from sage_builder.stages.render.engine import decode_latents, to_uint8
+    from sage_builder.diffusion import decode_latents, to_uint8
 
     padded = list(batch)
     if settings.guidance <= 1.0 and len(padded) == 1:
@@ -106,8 +106,7 @@ def generate_eval_batch(pipe: Any, batch: Sequence[EvalImage], settings: Any, in
 def load_adapter(folder: Path, device: str, scale: float, embedding_dim: int, label: str) -> Any:
     import torch
 
-    from sage_builder.errors import SageError
-    from sage_builder.stages.train.adapter import UserAdapter
+    from sage_builder.adapter import UserAdapter
 
     try:
         adapter = UserAdapter.load(folder)
@@ -158,7 +157,7 @@ def render_eval_batches(pipe: Any, batches: Sequence[Sequence[EvalImage]], setti
     One item-cache part per batch, written on the render engine's background writer: an interruption
     loses at most the batches in flight.
     """
-    from sage_builder.stages.render.engine import BackgroundWriter, ImageJob, scheduler_label
+    from sage_builder.diffusion import BackgroundWriter, ImageJob, scheduler_label
 
     writer = BackgroundWriter(cache, settings, scheduler_label(pipe), revision, writer_id=writer_id,
                               on_written=on_written)
@@ -195,16 +194,11 @@ class EvalRenderWorker:
     marker: str | None = None  # a file the driver made in cache_dir: proves the directory is shared (Ray)
 
     def start(self, slot: WorkerSlot) -> None:
-        import socket
-
         import torch
 
-        from sage_builder.stages.render.engine import load_pipeline, make_batch_invariant
+        from sage_builder.diffusion import load_pipeline, make_batch_invariant
 
-        if self.marker and not (self.cache_dir / self.marker).exists():
-            raise SageError(f"the run directory {self.cache_dir.parents[2]} is not visible on host "
-                            f"{socket.gethostname()}: put it on a file system every Ray node mounts (NFS, "
-                            "Lustre, a bucket mount)")
+        require_shared(self.cache_dir, self.marker, self.cache_dir.parents[2])
         self.slot = slot
         self._threads = torch.get_num_threads()
         # CPU pixels can round differently with another torch thread count: eval.threads when set (the
@@ -245,14 +239,12 @@ def render_missing(executor: Executor, images: Sequence[EvalImage], render_confi
     total = sum(len(b) for b in batches)
     if not total:
         return 0, 0
-    from sage_builder.stages.render.workers import shared_marker
-
     units = executor.cut_units(batches)
     worker = EvalRenderWorker(render_config, settings, revision, cache.directory, adapters, embeddings, scale)
     bar = progress(total=total, desc=f"eval render ({executor.name})", unit="img")
     written = 0
     try:
-        with shared_marker(cache, worker, executor.remote):
+        with shared_marker(cache.directory, worker, executor.remote):
             for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
                 written += count
     finally:

@@ -76,7 +76,7 @@ class EvalStage(Stage):
     def check(self, config: PipelineConfig, run: RunDir) -> None:
         from sage_builder.stages.eval.fid import locate_weights
         from sage_builder.stages.eval.prompt_sets import load_prompt_sets, load_users
-        from sage_builder.stages.render.engine import locate_model
+        from sage_builder.diffusion import locate_model
 
         e = config.eval
         try:

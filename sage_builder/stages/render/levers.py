@@ -15,15 +15,10 @@ once per worker again (inductor's on-disk cache makes a rerun on the same machin
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sage_builder.errors import StageInputError
-
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
 
 # diffusers' "accelerate inference of text-to-image diffusion models" guide, for SDXL.
 INDUCTOR_FLAGS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
@@ -97,15 +92,3 @@ def compile_pipeline(pipe: Any, levers: RenderLevers, device: str) -> Any:
             pipe.vae.to(memory_format=torch.channels_last)
         pipe.vae.decode = torch.compile(pipe.vae.decode, **options)
     return pipe
-
-
-@contextlib.contextmanager
-def attention_backend(name: str) -> Iterator[None]:
-    """Pin scaled_dot_product_attention to one kernel (``auto``: torch's own choice)."""
-    if name == "auto":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
-        yield

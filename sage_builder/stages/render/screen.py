@@ -50,7 +50,7 @@ SCORE_SCHEMA = pa.schema([
 
 def attempt_seed(global_seed: int, pair_id: str, attempt: int) -> int:
     """The seed of a pair's ``attempt``: attempt 1 is render's own pair seed, later ones are new."""
-    from sage_builder.stages.render.engine import pair_seed
+    from sage_builder.diffusion import pair_seed
 
     if attempt == 1:
         return pair_seed(global_seed, pair_id)
@@ -280,7 +280,7 @@ class Screening:
 
     def _run(self, pairs: list[dict[str, Any]], planned: list[PlannedImage], settings: Any, global_seed: int,
              render_jobs: Callable[[list[Any]], int]) -> ScreenResult:
-        from sage_builder.stages.render.engine import ImageJob, image_key
+        from sage_builder.diffusion import ImageJob, image_key
 
         keys = {(p.pair_id, p.variant): p.key for p in planned}
         current = {pair["pair_id"]: (keys[(pair["pair_id"], "u")], keys[(pair["pair_id"], "s")]) for pair in pairs}

@@ -25,7 +25,7 @@ from sage_builder.store import RunDir
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
     from sage_builder.planning import MeasuredCost
-    from sage_builder.stages.render.engine import ImageJob, RenderSettings
+    from sage_builder.diffusion import ImageJob, RenderSettings
 
 log = logging.getLogger("sage.render")
 
@@ -58,7 +58,7 @@ def read_pairs(path: Any) -> list[dict[str, Any]]:
 def plan_images(pairs: list[dict[str, Any]], settings: RenderSettings,
                 global_seed: int) -> tuple[list[PlannedImage], list[ImageJob]]:
     """(one PlannedImage per pair and variant, one ImageJob per distinct key), both in pairs order."""
-    from sage_builder.stages.render.engine import ImageJob, image_key, pair_seed
+    from sage_builder.diffusion import ImageJob, image_key, pair_seed
 
     planned, jobs, seen = [], [], set()
     for pair in pairs:
@@ -102,7 +102,7 @@ class RenderStage(Stage):
         return {"seed": config.seed}
 
     def check(self, config: PipelineConfig, run: RunDir) -> None:
-        from sage_builder.stages.render.engine import locate_model
+        from sage_builder.diffusion import locate_model
 
         locate_model(config.render)
         check_screen(config.render.screen, config.categories)
@@ -120,7 +120,7 @@ class RenderStage(Stage):
                          notes=[f"{per_image:.2f} GPU-s per image: {source}"])
 
     def run(self, ctx: StageContext) -> None:
-        from sage_builder.stages.render.engine import RenderSettings, locate_model
+        from sage_builder.diffusion import RenderSettings, locate_model
         from sage_builder.stages.render.levers import RenderLevers
         from sage_builder.stages.render.workers import render_missing
 

@@ -13,26 +13,20 @@ every node mounts: a worker that cannot see the driver's marker file there refus
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sage_builder.errors import SageError
+from sage_builder.diffusion import ImageJob, RenderSettings, load_pipeline, make_batch_invariant, render_batches
 from sage_builder.executors import Executor
-from sage_builder.executors.base import WorkerSlot
+from sage_builder.executors.base import WorkerSlot, require_shared, shared_marker
 from sage_builder.progress import progress
 from sage_builder.stages.render.config import RenderConfig
-from sage_builder.stages.render.engine import (ImageJob, RenderSettings, load_pipeline, make_batch_invariant,
-                                               render_batches)
 from sage_builder.stages.render.levers import RenderLevers, check_levers, compile_pipeline, fuse_projections
 from sage_builder.store import ItemCache
 
 log = logging.getLogger("sage.render")
-
-MARKER_PREFIX = ".visible-to-workers-"
 
 Unit = list[list[ImageJob]]
 
@@ -82,14 +76,9 @@ class RenderWorker:
     marker: str | None = None  # a file the driver made in cache_dir: proves the directory is shared
 
     def start(self, slot: WorkerSlot) -> None:
-        import socket
-
         import torch
 
-        if self.marker and not (self.cache_dir / self.marker).exists():
-            raise SageError(f"the run directory {self.cache_dir.parents[2]} is not visible on host "
-                            f"{socket.gethostname()}: put it on a file system every Ray node mounts (NFS, "
-                            "Lustre, a bucket mount)")
+        require_shared(self.cache_dir, self.marker, self.cache_dir.parents[2])
         self.slot = slot
         self._threads = torch.get_num_threads()
         # CPU pixels can round differently with another torch thread count: render.threads when set
@@ -131,24 +120,9 @@ def render_missing(executor: Executor, config: RenderConfig, settings: RenderSet
     bar = progress(total=total, desc=f"render ({executor.name})", unit="img")
     written = 0
     try:
-        with shared_marker(cache, worker, executor.remote):
+        with shared_marker(cache.directory, worker, executor.remote):
             for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
                 written += count
     finally:
         bar.close()
     return written, len(units)
-
-
-@contextmanager
-def shared_marker(cache: ItemCache, worker: Any, remote: bool) -> Iterator[None]:
-    """Remote workers first prove that they see the run directory: ``worker.marker`` names a file they must find."""
-    cache.directory.mkdir(parents=True, exist_ok=True)
-    if not remote:
-        yield
-        return
-    worker.marker = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
-    (cache.directory / worker.marker).touch()
-    try:
-        yield
-    finally:
-        (cache.directory / worker.marker).unlink(missing_ok=True)

@@ -45,7 +45,7 @@ def generate(
     Every argument, the adapter folder, the dataset and the base model are checked before any model
     is loaded; a copied adapter folder works from any directory given --model and --dataset."""
     from sage_builder.runtime import resolve_device
-    from sage_builder.stages.train.adapter import UserAdapter
+    from sage_builder.adapter import UserAdapter
     from sage_builder.stages.train.card import resolve_base_model
     from sage_builder.stages.train.generate import load_pipeline_for, render, render_grid, user_from_profile
 

@@ -125,7 +125,7 @@ class TrainStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         from sage_builder.config_base import model_identity, public_model_ref
-        from sage_builder.stages.train.adapter import CARD_NAME, CONFIG_NAME, STANDALONE_NAME, WEIGHTS_NAME
+        from sage_builder.adapter import CARD_NAME, CONFIG_NAME, STANDALONE_NAME, WEIGHTS_NAME
         from sage_builder.stages.train.card import adapter_card, base_model_refs, dataset_refs
         from sage_builder.stages.train.data import load_preference_data
         from sage_builder.stages.train.generate import render_grid, users_from_dataset

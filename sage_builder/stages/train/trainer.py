@@ -35,7 +35,7 @@ from torch import nn
 
 from sage_builder.errors import SageError
 from sage_builder.runtime import resolve_device
-from sage_builder.stages.train.adapter import UserAdapter
+from sage_builder.adapter import UserAdapter
 from sage_builder.stages.train.data import (
     LatentCache,
     PreferenceData,

@@ -10,9 +10,9 @@ cross-attention over those tokens in every cross-attention layer of the UNet (IP
 - The processors are plain objects (not ``nn.Module``) that point at this adapter's weights, so
   installing them never adds parameters to the UNet's ``state_dict`` and never changes its dtype.
   ``remove`` puts the original processors back.
-- The attention math is ``standalone.decoupled_attention``: ``standalone.py`` imports nothing of this
-  package and is copied into every adapter folder as ``sage_user_adapter.py``, so plain diffusers
-  users load the same adapter with the same code (docs/adapter.md).
+- The attention math is ``adapter_standalone.decoupled_attention``: ``adapter_standalone.py`` imports
+  nothing of this package and is copied into every adapter folder as ``sage_user_adapter.py``, so
+  plain diffusers users load the same adapter with the same code (docs/adapter.md).
 
 How user tokens reach the processors: through the call, as diffusers' IP-Adapter processors get
 their extra tokens. The UNet is called with ``cross_attention_kwargs=adapter.attention_kwargs(tokens)``
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from sage_builder.errors import SageError
-from sage_builder.stages.train.standalone import (
+from sage_builder.adapter_standalone import (
     ADAPTER_OFF,
     CONFIG_NAME,
     TOKENS_KWARG,
@@ -255,7 +255,8 @@ class UserAdapter(nn.Module):
         if training:
             config["training"] = {**config.get("training", {}), **training}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-        atomic_write_text(directory / STANDALONE_NAME, (Path(__file__).parent / "standalone.py").read_text())
+        standalone = Path(__file__).parent / "adapter_standalone.py"
+        atomic_write_text(directory / STANDALONE_NAME, standalone.read_text())
         return directory
 
     @classmethod

@@ -17,7 +17,7 @@ cross-attention layer, attention of the layer's queries over the user tokens thr
 key/value projections is added, times ``scale``, to the text attention output before the output
 projection. ``adapter.kwargs(None)`` (or scale 0) is the base model exactly.
 
-sage-builder's own adapter (``sage_builder/stages/train/adapter.py``) runs the same
+sage-builder's own adapter (``sage_builder/adapter.py``) runs the same
 ``decoupled_attention`` below, so the two cannot drift apart.
 """
 

@@ -9,13 +9,14 @@ background writer with a bounded queue, so the accelerator never waits for JPEG 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from sage_builder.store import ITEM_KEY, ItemCache, stable_hash
 log = logging.getLogger("sage.render")
 
 PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
 
 # One row per finished image in the item cache: everything the key determines, plus the bytes.
 PART_SCHEMA = pa.schema([
@@ -344,11 +347,9 @@ def generate_batch(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings
     VAE decode (less memory, too); only the denoising loop is batched. ``invariant`` (CPU) also
     encodes each prompt alone; on GPUs the text encoders get the whole batch. ``pad_to`` repeats
     the last job so that a compiled UNet always sees one shape; ``sdpa_backend`` pins the attention
-    kernel (``levers.attention_backend``).
+    kernel (:func:`attention_backend`).
     """
     import torch
-
-    from sage_builder.stages.render.levers import attention_backend
 
     padded = list(jobs) + [jobs[-1]] * max(0, pad_to - len(jobs))
     if settings.guidance <= 1.0 and len(padded) == 1:
@@ -393,3 +394,15 @@ def render_jobs(pipe: Any, jobs: Sequence[ImageJob], settings: RenderSettings, c
     return render_batches(pipe, batches(jobs, batch_size), settings, cache, revision, writer_id,
                           pad_to=batch_size if pad_batches else 0, on_written=on_written, invariant=invariant,
                           sdpa_backend=sdpa_backend)
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Pin scaled_dot_product_attention to one kernel (``auto``: torch's own choice)."""
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
+        yield
