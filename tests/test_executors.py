@@ -237,3 +237,21 @@ def test_worker_processes_yield_every_unit_and_name_the_failed_worker_and_unit()
         list(executor.map_units(units, CountingWorker(die_on=5), lambda u: f"unit {u}"))
     with pytest.raises(SageError, match=r"render.model: /nowhere is not a model folder \(at start-up\)"):
         list(executor.map_units(units, CountingWorker(fail_start=True), lambda u: f"unit {u}"))
+
+
+def test_remote_workers_prove_they_see_the_run_directory(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sage_builder.errors import SageError
+    from sage_builder.executors.base import require_shared, shared_marker
+
+    items = tmp_path / "run" / "render" / "items"
+    worker = SimpleNamespace(marker=None)
+    with shared_marker(items, worker, remote=False):
+        assert worker.marker is None and items.is_dir()  # one host: nothing to prove
+    with shared_marker(items, worker, remote=True):
+        assert worker.marker and (items / worker.marker).exists()
+        require_shared(items, worker.marker, tmp_path / "run")  # a worker that sees it starts
+    assert not (items / worker.marker).exists()  # the driver removes it after the run
+    with pytest.raises(SageError, match=r"run directory .*/run is not visible on host .*: put it on a file system"):
+        require_shared(items, worker.marker, tmp_path / "run")
