@@ -165,3 +165,25 @@ def require_shared(directory: Path, marker: str | None, run_dir: Path) -> None:
     if marker and not (directory / marker).exists():
         raise SageError(f"the run directory {run_dir} is not visible on host {socket.gethostname()}: put it on a "
                         "file system every Ray node mounts (NFS, Lustre, a bucket mount)")
+
+
+def run_batches(executor: Executor, batches: list[list[Any]], worker: Any, describe_unit: Callable[[Any], str],
+                directory: Path, desc: str) -> tuple[int, int]:
+    """Hand ``batches`` (lists of items, cut by the stage) to the executor's workers as units, with a
+    progress bar of items; remote workers must see ``directory`` (:func:`shared_marker`). Each unit's
+    result is the number of items it wrote; returns (items written, units run)."""
+    from sage_builder.progress import progress
+
+    total = sum(len(b) for b in batches)
+    if not total:
+        return 0, 0
+    units = executor.cut_units(batches)
+    bar = progress(total=total, desc=desc, unit="img")
+    written = 0
+    try:
+        with shared_marker(directory, worker, executor.remote):
+            for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
+                written += count
+    finally:
+        bar.close()
+    return written, len(units)

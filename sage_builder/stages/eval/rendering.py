@@ -24,8 +24,7 @@ import numpy as np
 
 from sage_builder.errors import SageError, StageInputError
 from sage_builder.executors import Executor
-from sage_builder.executors.base import WorkerSlot, require_shared, shared_marker
-from sage_builder.progress import progress
+from sage_builder.executors.base import WorkerSlot, require_shared, run_batches
 from sage_builder.stages.eval.methods import EvalImage
 from sage_builder.store import ItemCache
 
@@ -236,17 +235,5 @@ def render_missing(executor: Executor, images: Sequence[EvalImage], render_confi
                    embeddings: dict[str, np.ndarray], scale: float, batch_size: int) -> tuple[int, int]:
     """Render the images whose keys the cache lacks on the executor's workers; returns (written, units run)."""
     batches = cut_batches(images, batch_size, cache.done_keys())
-    total = sum(len(b) for b in batches)
-    if not total:
-        return 0, 0
-    units = executor.cut_units(batches)
     worker = EvalRenderWorker(render_config, settings, revision, cache.directory, adapters, embeddings, scale)
-    bar = progress(total=total, desc=f"eval render ({executor.name})", unit="img")
-    written = 0
-    try:
-        with shared_marker(cache.directory, worker, executor.remote):
-            for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
-                written += count
-    finally:
-        bar.close()
-    return written, len(units)
+    return run_batches(executor, batches, worker, describe_unit, cache.directory, f"eval render ({executor.name})")

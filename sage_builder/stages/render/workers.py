@@ -20,8 +20,7 @@ from typing import Any
 
 from sage_builder.diffusion import ImageJob, RenderSettings, load_pipeline, make_batch_invariant, render_batches
 from sage_builder.executors import Executor
-from sage_builder.executors.base import WorkerSlot, require_shared, shared_marker
-from sage_builder.progress import progress
+from sage_builder.executors.base import WorkerSlot, require_shared, run_batches
 from sage_builder.stages.render.config import RenderConfig
 from sage_builder.stages.render.levers import RenderLevers, check_levers, compile_pipeline, fuse_projections
 from sage_builder.store import ItemCache
@@ -112,17 +111,5 @@ def render_missing(executor: Executor, config: RenderConfig, settings: RenderSet
     Returns (images written, units run).
     """
     batches = cut_batches(jobs, config.batch_size, done)
-    total = sum(len(b) for b in batches)
-    if not total:
-        return 0, 0
-    units = executor.cut_units(batches)
     worker = RenderWorker(config, settings, revision, cache.directory)
-    bar = progress(total=total, desc=f"render ({executor.name})", unit="img")
-    written = 0
-    try:
-        with shared_marker(cache.directory, worker, executor.remote):
-            for _unit, count in executor.map_units(units, worker, describe_unit, bar.update):
-                written += count
-    finally:
-        bar.close()
-    return written, len(units)
+    return run_batches(executor, batches, worker, describe_unit, cache.directory, f"render ({executor.name})")
