@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -87,6 +88,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")  # atomic_path's names
+
+
+def remove_stale_temp_files(directory: Path) -> int:
+    """Delete ``atomic_path`` temp files under ``directory`` left by processes that died mid-write
+    (a SIGKILL between the write and the rename). A live process's file is kept: another rank may be
+    writing it. Returns how many were removed."""
+    removed = 0
+    if not Path(directory).is_dir():
+        return 0
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            match = TEMP_FILE.match(name)
+            if match and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(dirpath) / name).unlink()
+                    removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -102,3 +102,44 @@ def test_stable_hash_of_config_ignores_execution_fields():
     base = LLMConfig(model="m", temperature=0.5)
     assert stable_hash(base) == stable_hash(LLMConfig(model="m", temperature=0.5, concurrency=64, batch_size=2))
     assert stable_hash(base) != stable_hash(LLMConfig(model="m", temperature=0.6))
+
+
+def test_temp_files_of_dead_writers_are_removed_and_a_live_writers_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from sage_builder.store import remove_stale_temp_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / "cache" / "2b").mkdir(parents=True)
+    stale = tmp_path / "cache" / "2b" / f".2bkey.safetensors.tmp-{dead_pid}-0123abcd"
+    live = tmp_path / "cache" / f".other.parquet.tmp-{os.getpid()}-89abcdef"
+    kept = tmp_path / "cache" / ".notes.tmp-x"  # not an atomic_path name
+    for path in (stale, live, kept):
+        path.write_bytes(b"partial")
+    assert remove_stale_temp_files(tmp_path) == 1
+    assert not stale.exists() and live.exists() and kept.exists()
+    assert remove_stale_temp_files(tmp_path / "missing") == 0
+
+
+def test_a_stage_rerun_sweeps_what_a_killed_run_left_mid_write(tmp_path):
+    """A SIGKILL between an atomic write and its rename leaves a temp file; the next run removes it."""
+    import subprocess
+    import sys
+
+    from sage_builder.stages import get_stage
+    from sage_builder.stages.base import run_stage
+    from sage_builder.testing.fake_run import make_fake_run
+
+    run, config = make_fake_run(tmp_path / "run", n_users=8, pairs_per_category=1)
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True, check=True).stdout)
+    leftover = run.stage("label").path / "_items" / f".part-0.parquet.tmp-{dead_pid}-0123abcd"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"PAR1 half a part")
+    run_stage(get_stage("label"), config, run)
+    assert not leftover.exists()
+    assert not list(run.stage("label").path.rglob(".*.tmp-*"))

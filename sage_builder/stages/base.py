@@ -25,8 +25,8 @@ from sage_builder.errors import SageError, StageInputError
 from sage_builder.logs import stage_log, stage_log_path
 from sage_builder.planning import MeasuredCost, llm_usage_cost
 from sage_builder.store import (LOCK_NAME, Manifest, RunDir, StageDir, atomic_write_bytes, atomic_write_text,
-                                canonical, disk_full_cause, disk_full_error, file_sha256, package_versions, stable_hash,
-                                write_parquet)
+                                canonical, disk_full_cause, disk_full_error, file_sha256, package_versions,
+                                remove_stale_temp_files, stable_hash, write_parquet)
 
 if TYPE_CHECKING:
     from sage_builder.config import PipelineConfig
@@ -422,6 +422,9 @@ def _run_and_record(stage: Stage, config: PipelineConfig, run: RunDir, force: bo
     if force:
         for folder in stage.resume_state:
             shutil.rmtree(stage_dir.path / folder, ignore_errors=True)
+    stale = remove_stale_temp_files(stage_dir.path)
+    if stale:
+        log.info("stage %s: removed %d temp file(s) of an interrupted run", stage.name, stale)
     started = time.time()
     ctx = StageContext(config=config, run=run, stage_dir=stage_dir, options=opts)
     ctx.models = stage.model_ids(config)
