@@ -52,6 +52,20 @@ def test_tiny_llama_replies_are_schema_valid(tiny_llama):
         assert r.raw == r.raw.strip() and "\n" not in r.raw  # compact JSON: no free whitespace
 
 
+@pytest.mark.parametrize("decoder", ["cached", "generate"])
+def test_usage_read_after_close_still_says_what_served(tiny_llama, decoder):
+    """Stages read usage() after the backend's `with` block: the decoder and prefix counts survive close()."""
+    llm = backend(tiny_llama, decoder=decoder)
+    with llm:
+        assert all(r.ok for r in llm.run(requests(8)))  # two chunks of 4: the second reuses the prefix
+    usage = llm.usage()
+    assert llm.model is None and usage["requests"] == 8 and usage["decoder"] == decoder
+    if decoder == "cached":
+        assert usage["prefix_tokens_computed"] > 0 and usage["prefix_tokens_reused"] > 0
+    else:
+        assert usage["prefix_tokens_computed"] == usage["prefix_tokens_reused"] == 0
+
+
 def test_seeds_reproduce_regardless_of_batch_size(tiny_llama):
     with backend(tiny_llama, batch_size=4) as llm:
         batched = {r.key: r.raw for r in llm.run(requests(6))}

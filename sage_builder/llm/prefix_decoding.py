@@ -162,6 +162,11 @@ class PrefixStore:
         self.computed_tokens = 0
         self.reused_tokens = 0
 
+    def clear(self) -> None:
+        """Drop every stored prefix (its memory); the computed/reused counts are kept."""
+        self._entries.clear()
+        self._held = 0
+
     def kv(self, forward: _Forward, tokens: Sequence[int], device: Any) -> list[tuple[Any, Any]]:
         """Per layer a [1, heads, len(tokens), dim] K/V pair."""
         key = tuple(tokens)

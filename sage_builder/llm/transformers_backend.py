@@ -70,6 +70,8 @@ class TransformersBackend(LLMBackend):
         # The cached engine's state: one prefix store per loaded model (None: no prefix reuse).
         self.prefix_store: PrefixStore | None = PrefixStore()
         self._forward: Any = None
+        # What served the requests (usage() is read after close(), which drops the engine).
+        self.decoder_used = "cached" if config.decoder == "cached" else "generate"
 
     def check_ready(self) -> None:
         self._load()
@@ -110,12 +112,13 @@ class TransformersBackend(LLMBackend):
             if supports_cached_decoding(self.model):
                 self._forward = make_forward(self.model)
             else:
+                self.decoder_used = "generate"
                 log.warning("llm.decoder: cached needs full-attention layers and sdpa or eager attention; "
                             "'%s' is served by generate()", c.model)
 
     def usage(self) -> dict[str, Any]:
         store = self.prefix_store
-        return {**super().usage(), "decoder": "cached" if self._forward is not None else "generate",
+        return {**super().usage(), "decoder": self.decoder_used,
                 "threads": self.threads,
                 "prefix_tokens_computed": store.computed_tokens if store else 0,
                 "prefix_tokens_reused": store.reused_tokens if store else 0}
@@ -214,7 +217,8 @@ class TransformersBackend(LLMBackend):
 
     def close(self) -> None:
         self.model = self.tokenizer = self._ll_tokenizer = self._forward = None
-        self.prefix_store = PrefixStore()
+        if self.prefix_store is not None:
+            self.prefix_store.clear()  # frees the K/V; the counts stay for usage()
 
 
 def _reply(text: str, outcome: RowOutcome, limit: int) -> str | TransportFailure:
