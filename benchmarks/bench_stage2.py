@@ -6,9 +6,12 @@ concepts and checks:
 
 - ``old``: ``llm.decoder: generate`` (transformers' generate() and the old logits processor), the
   stage-2 templates as committed at ``--old-templates`` (fields first; default ``fdfd633^``, the commit
-  before they were reordered) and p_s at ``llm.temperature`` (``prompts.safe_temperature: null``);
-- ``new``: the working tree's defaults (the cached engine, today's templates, the demo's
-  ``safe_temperature``).
+  before they were reordered), p_s at ``llm.temperature`` (``prompts.safe_temperature: null``) and the
+  demo's batch size before issue 18 (``llm.batch_size: 8``);
+- ``new``: the working tree's config (the cached engine, today's templates, the demo's
+  ``safe_temperature`` and ``batch_size``).
+
+``--set KEY=VALUE`` (repeatable) applies to both paths, after the above.
 
 Per path it prints the stage's seconds (its manifest), engine requests, kept pairs, requests per
 kept pair, rejected attempts, the torch threads the backend chose and the decoder; then the speed-up
@@ -36,7 +39,7 @@ TEMPLATE_NAMES = ("concept_describe", "concept_expand", "pair_unsafe", "pair_saf
 
 def old_overrides(revision: str, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
-    sets = ["llm.decoder=generate", "prompts.safe_temperature=null"]
+    sets = ["llm.decoder=generate", "prompts.safe_temperature=null", "llm.batch_size=8"]
     for name in TEMPLATE_NAMES:
         text = subprocess.run(["git", "show", f"{revision}:prompts/{name}.txt"], cwd=ROOT, check=True,
                               capture_output=True, text=True).stdout
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
     parser.add_argument("--old-templates", default=OLD_TEMPLATES, help="git revision of the old path's templates")
     parser.add_argument("--work", type=Path, default=None, help="folder for the run directories (default: temp)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both paths")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-stage2-"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True,
@@ -79,7 +84,7 @@ def main() -> None:
     results = {}
     for path in args.paths:
         sets = old_overrides(args.old_templates, work / "old-templates") if path == "old" else []
-        results[path] = run_path(args.config, work / path, sets)
+        results[path] = run_path(args.config, work / path, sets + args.sets)
         r = results[path]
         print(f"{path}: {r['seconds']:.1f} s, {r['requests']} requests, {r['pairs']}/{r['slots']} pairs kept, "
               f"{r['requests'] / max(r['pairs'], 1):.2f} requests per kept pair, {r['rejected']} rejected attempts, "
