@@ -19,11 +19,12 @@ Rows add one lever each:
   finished rows dropped), no prefix reuse;
 - ``+prefix``: shared-prefix KV reuse on top (``llm.decoder: cached``, the default);
 - ``+threads``: the new path with the thread count the backend picks from idle cores;
-- ``+batch16``: the new path with 16 prompts per engine call instead of the demo's batch size
-  (execution-only, like the engine: more rows share each pass over the weights).
+- ``+batchN`` (e.g. ``+batch16``, ``+batch32``): the new path with N prompts per engine call instead
+  of the demo's batch size (execution-only, like the engine: more rows share each pass over the weights).
 
 A row named ``ROW@old`` runs ROW on the templates of ``--old-templates`` (a git revision; default
-the commit before the templates put their per-request fields last) with p_s at ``llm.temperature``;
+the commit before the templates put their per-request fields last) at the old demo's batch size (8)
+with p_s at ``llm.temperature``;
 plain rows use the working tree's templates and ``prompts.safe_temperature``. Both sets answer the
 same concepts, descriptions and p_h texts, so ``generate@old`` against ``+prefix`` is the old stage
 2 against the new one. The shared prefix of each phase's prompts is printed per template set.
@@ -72,6 +73,7 @@ DEMO_STAGE2_REQUESTS = 282
 DEMO_STAGE2_SECONDS = 500.7
 # The last commit whose templates had the per-request fields first (the ``@old`` rows).
 OLD_TEMPLATES = "fdfd633^"
+OLD_BATCH_SIZE = 8  # the demo's llm.batch_size before issue 18 (the ``@old`` rows)
 TEMPLATE_NAMES = ("concept_describe", "pair_unsafe", "pair_safe")
 
 
@@ -104,11 +106,14 @@ class SamplerInGenerate(TransformersBackend):
 
 def row_backend(base: TransformersBackend, row: str) -> TransformersBackend:
     """A backend for one row sharing ``base``'s loaded model (one copy of the weights for all rows)."""
+    old = row.endswith("@old")
     row = row.split("@")[0]
     decoder = "generate" if row in ("generate", "+sampler") else "cached"
     update: dict[str, Any] = {"decoder": decoder, "max_attempts": 1}
-    if row == "+batch16":
-        update["batch_size"] = 16
+    if old:
+        update["batch_size"] = OLD_BATCH_SIZE
+    if row.startswith("+batch"):
+        update["batch_size"] = int(row.removeprefix("+batch"))
     backend = (SamplerInGenerate if row == "+sampler" else TransformersBackend)(base.config.model_copy(update=update))
     backend.model, backend.tokenizer, backend.device = base.model, base.tokenizer, base.device
     backend._ll_tokenizer = base._ll_tokenizer
