@@ -71,7 +71,7 @@ class TransformersBackend(LLMBackend):
         self.prefix_store: PrefixStore | None = PrefixStore()
         self._forward: Any = None
         # What served the requests (usage() is read after close(), which drops the engine).
-        self.decoder_used = "cached" if config.decoder == "cached" else "generate"
+        self.decoder_used: str = config.decoder
 
     def check_ready(self) -> None:
         self._load()
