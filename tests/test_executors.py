@@ -188,6 +188,31 @@ class CountingWorker:
         self.closed = True
 
 
+class RendezvousWorker:
+    """Each unit waits until ``n`` distinct processes hold a unit, so no worker can take two."""
+
+    def __init__(self, folder: str, n: int):
+        self.folder, self.n = folder, n
+
+    def start(self, slot) -> None:
+        self.slot = slot
+
+    def run(self, unit: list[int], report) -> tuple[str, int]:
+        import os
+        import time
+
+        Path(self.folder, str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(list(Path(self.folder).iterdir())) < self.n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(list(Path(self.folder).iterdir()))} of {self.n} workers took a unit")
+            time.sleep(0.05)
+        return self.slot.tag, os.getpid()
+
+    def close(self) -> None:
+        pass
+
+
 def _request(workers: int):
     from sage_builder.executors import WorkerRequest
 
@@ -237,6 +262,18 @@ def test_worker_processes_yield_every_unit_and_name_the_failed_worker_and_unit()
         list(executor.map_units(units, CountingWorker(die_on=5), lambda u: f"unit {u}"))
     with pytest.raises(SageError, match=r"render.model: /nowhere is not a model folder \(at start-up\)"):
         list(executor.map_units(units, CountingWorker(fail_start=True), lambda u: f"unit {u}"))
+
+
+@pytest.mark.slow
+def test_two_worker_processes_each_take_a_unit_when_both_are_needed(tmp_path: Path) -> None:
+    """Units are handed to whichever worker is free; with one blocked, the other takes the next."""
+    from sage_builder.executors import make_executor
+
+    executor = make_executor(config_from_dict(BASE), _request(2))
+    units = executor.cut_units([1, 2, 3, 4])
+    results = [r for _, r in executor.map_units(units, RendezvousWorker(str(tmp_path), 2), str)]
+    assert sorted(label for label, _ in results) == ["w0", "w1"]
+    assert len({pid for _, pid in results}) == 2
 
 
 def test_remote_workers_prove_they_see_the_run_directory(tmp_path: Path) -> None:

@@ -187,7 +187,8 @@ def test_two_workers_give_identical_output(tmp_path, models_dir, clean_run):
     manifest = run_stage(STAGE, make_config(models_dir, workers=2, batch_size=3), run)
     assert manifest.stats["workers"] == 2
     parts = run.stage("render").items("images").parts()
-    assert {p.name.split("-")[2] for p in parts} == {"w0", "w1"}
+    writers = {p.name.split("-")[2] for p in parts}  # who took which unit depends on start-up timing
+    assert writers and writers <= {"w0", "w1"}, writers
     assert output_hashes(manifest) == output_hashes(reference)
 
 

@@ -172,4 +172,6 @@ def test_two_worker_processes_give_the_same_tables(screened, tmp_path, models_di
         assert read(run2, name).equals(read(run1, name)), name
     assert manifest2.stats["screen"]["per_category"] == manifest1.stats["screen"]["per_category"]
     writers = {p.name.split("-")[3] for p in run2.stage("render").items("scores").parts()}
-    assert writers == {"w0", "w1"}, writers  # both workers scored (parts are named by their writer)
+    # Parts are named by their writer. Which worker takes which unit depends on start-up timing (a worker that
+    # starts late may get none); that both share the work is test_executors' rendezvous test.
+    assert writers and writers <= {"w0", "w1"}, writers
