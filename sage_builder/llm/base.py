@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,9 @@ class LLMBackend(ABC):
                 raise SageError(f"two LLM requests share the item key {request.key}; keys must be unique")
             pending[request.key] = request
         errors: dict[str, list[str]] = {key: [] for key in pending}
+        if self.streams_retries():
+            yield from self._run_streams(pending, errors, progress)
+            return
         for attempt in range(1, self.config.max_attempts + 1):
             if not pending:
                 break
@@ -239,6 +243,55 @@ class LLMBackend(ABC):
             # A backend that dropped a request must not make it vanish silently.
             result = LLMResult(key, None, None, "no_reply", self.config.max_attempts, -1, errors.pop(key, []))
             yield result
+
+    def streams_retries(self) -> bool:
+        """True when ``_stream`` serves a queue that grows while it runs (continuous batching)."""
+        return False
+
+    def _stream(self, queue: deque[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:
+        """Serve (request, seed) items from ``queue`` until it is empty, yielding (key, raw) as each ends;
+        items appended to ``queue`` meanwhile (retries) are served in the same run."""
+        raise NotImplementedError
+
+    def _run_streams(self, pending: dict[str, LLMRequest], errors: dict[str, list[str]],
+                     progress: Callable[[LLMResult], None] | None) -> Iterator[LLMResult]:
+        """``run`` for a streaming engine: a failed attempt's retry (its next seed) joins the running
+        stream at once instead of waiting for the whole attempt to end. Same seeds, same judging."""
+        attempts = {key: 1 for key in pending}
+        seeds = {key: derive_seed(self.config.seed, key, 1) for key in pending}
+        for group in self.plan_streams(self.config, [(req, seeds[key]) for key, req in pending.items()]):
+            queue = deque(group)
+            self.requests_sent += len(group)
+            started = time.monotonic()
+            for key, raw in self._stream(queue):
+                self.busy_seconds += time.monotonic() - started
+                started = time.monotonic()
+                request = pending.get(key)
+                if request is None:
+                    continue
+                attempt = attempts[key]
+                value, reason, detail = judge_reply(request, raw)
+                if reason is not None:
+                    errors[key].append(f"attempt {attempt}: {reason}" + (f" ({detail})" if detail else ""))
+                    if attempt < self.config.max_attempts:
+                        attempts[key] = attempt + 1
+                        seeds[key] = derive_seed(self.config.seed, key, attempt + 1)
+                        queue.append((request, seeds[key]))
+                        self.requests_sent += 1
+                        continue
+                del pending[key]
+                result = LLMResult(key, value, raw if isinstance(raw, str) else None, reason, attempt, seeds[key],
+                                   errors.pop(key))
+                if progress is not None:
+                    progress(result)
+                yield result
+        for key in list(pending):
+            yield LLMResult(key, None, None, "no_reply", attempts[key], -1, errors.pop(key, []))
+
+    @classmethod
+    def plan_streams(cls, config: LLMConfig, batch: Sequence[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
+        """The streams ``_run_streams`` runs one after another (default: one)."""
+        return [list(batch)] if batch else []
 
     def close(self) -> None:
         """Release engines, threads and memory."""

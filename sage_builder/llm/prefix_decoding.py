@@ -40,8 +40,8 @@ drawn in advance from the row's ``torch.Generator``: a row's draws depend on its
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,7 @@ def _cache_classes() -> tuple[type, type]:
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     class SlotLayer(CacheLayerMixin):
-        """One layer's [rows, heads, capacity, dim] K/V; writes at the cache's cursor, returns slots [0, end)."""
+        """One layer's [rows, heads, capacity, dim] K/V; a forward writes rows [lo, lo+batch) at the cursor."""
 
         is_sliding = False
 
@@ -63,19 +63,24 @@ def _cache_classes() -> tuple[type, type]:
             self.owner = owner
 
         def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
-            rows, heads, _, k_dim = key_states.shape
-            self.keys = key_states.new_zeros((rows, heads, self.owner.capacity, k_dim))
-            self.values = value_states.new_zeros((rows, heads, self.owner.capacity, value_states.shape[-1]))
+            self.allocate(key_states.shape[1], key_states.shape[-1], value_states.shape[-1], key_states)
+
+        def allocate(self, heads: int, k_dim: int, v_dim: int, like: Any) -> None:
+            rows = self.owner.rows or like.shape[0]
+            self.keys = like.new_zeros((rows, heads, self.owner.capacity, k_dim))
+            self.values = like.new_zeros((rows, heads, self.owner.capacity, v_dim))
             self.is_initialized = True
 
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            lo = self.owner.lo
+            hi = lo + key_states.shape[0]
             start = self.owner.start
             end = start + key_states.shape[-2]
-            self.keys[:, :, start:end] = key_states
-            self.values[:, :, start:end] = value_states
-            return self.keys[:, :, :end], self.values[:, :, :end]
+            self.keys[lo:hi, :, start:end] = key_states
+            self.values[lo:hi, :, start:end] = value_states
+            return self.keys[lo:hi, :, :end], self.values[lo:hi, :, :end]
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.owner.start + query_length, 0
@@ -87,11 +92,13 @@ def _cache_classes() -> tuple[type, type]:
             return self.owner.capacity
 
     class SlotCache(Cache):
-        """A pre-allocated KV cache whose write position (``start``) the decoding loop sets."""
+        """A pre-allocated KV cache; the decoding loop sets the write slot (``start``) and first row (``lo``)."""
 
-        def __init__(self, n_layers: int, capacity: int):
+        def __init__(self, n_layers: int, capacity: int, rows: int | None = None):
             self.capacity = capacity
+            self.rows = rows  # None: as many as the first forward has
             self.start = 0
+            self.lo = 0
             super().__init__(layers=[SlotLayer(self) for _ in range(n_layers)])
 
         def keep_rows(self, index: Any) -> None:
@@ -101,13 +108,28 @@ def _cache_classes() -> tuple[type, type]:
 
         def fill_prefix(self, prefix: Sequence[tuple[Any, Any]], rows: int) -> None:
             """Copy a [1, heads, P, dim] K/V per layer into slots [0, P) of every row."""
+            self.rows = rows
+            self.put_prefix(prefix, 0, rows)
+
+        def put_prefix(self, prefix: Sequence[tuple[Any, Any]], lo: int, hi: int) -> None:
+            """Copy a [1, heads, P, dim] K/V per layer into slots [0, P) of rows [lo, hi)."""
             for layer, (keys, values) in zip(self.layers, prefix):
-                heads, length = keys.shape[1], keys.shape[2]
-                layer.keys = keys.new_zeros((rows, heads, self.capacity, keys.shape[3]))
-                layer.values = values.new_zeros((rows, heads, self.capacity, values.shape[3]))
-                layer.keys[:, :, :length] = keys
-                layer.values[:, :, :length] = values
-                layer.is_initialized = True
+                if not layer.is_initialized:
+                    layer.allocate(keys.shape[1], keys.shape[3], values.shape[3], keys)
+                layer.keys[lo:hi, :, :keys.shape[2]] = keys
+                layer.values[lo:hi, :, :values.shape[2]] = values
+
+        def move_row(self, src: int, dst: int, end: int) -> None:
+            """Row ``src``'s slots [0, end) into row ``dst`` (a finished row's place)."""
+            for layer in self.layers:
+                layer.keys[dst, :, :end] = layer.keys[src, :, :end]
+                layer.values[dst, :, :end] = layer.values[src, :, :end]
+
+        def shift_slots(self, src: int, dst: int, length: int) -> None:
+            """Slots [src, src+length) of every row to [dst, dst+length), dst < src."""
+            for layer in self.layers:
+                layer.keys[:, :, dst:dst + length] = layer.keys[:, :, src:src + length].clone()
+                layer.values[:, :, dst:dst + length] = layer.values[:, :, src:src + length].clone()
 
     return SlotLayer, SlotCache
 
@@ -124,8 +146,8 @@ class _Forward:
         implementation = getattr(model.config, "_attn_implementation", "sdpa")
         self.additive = implementation == "eager"  # eager attention adds the mask; sdpa takes booleans
 
-    def new_cache(self, capacity: int) -> Any:
-        return self.cache_class(self.n_layers, capacity)
+    def new_cache(self, capacity: int, rows: int | None = None) -> Any:
+        return self.cache_class(self.n_layers, capacity, rows)
 
     def __call__(self, cache: Any, start: int, input_ids: Any, position_ids: Any, mask: Any) -> Any:
         import torch
@@ -262,34 +284,200 @@ def prefill(forward: _Forward, store: PrefixStore | None, prompts: Sequence[Sequ
 
 def decode_batch(forward: _Forward, store: PrefixStore | None, prompts: Sequence[Sequence[int]],
                  sampler: GuidedSampler, device: Any) -> list[RowOutcome]:
-    """Generate for every row until it finishes or reaches its limit; see the module docstring."""
-    import torch
+    """Generate for every row (sampler rows 0..n-1) in one batch; outcomes in row order."""
+    queue = deque(StreamRow(r, list(p)) for r, p in enumerate(prompts))
+    outcomes = dict(DecodeStream(forward, store, sampler, len(prompts), device).run(queue))
+    return [outcomes[r] for r in range(len(prompts))]
 
-    # Tokens the grammar alone decides (the only one its mask allows, e.g. '{"' and the first key)
-    # need no logits: they join the prompt's prefill instead of costing a decoding step each.
-    prompts = [list(p) + sampler.forced_start(r) for r, p in enumerate(prompts)]
-    state = prefill(forward, store, prompts, max(sampler.limits), device)
-    cache, logits, valid, next_position, slot = (state.cache, state.logits, state.valid, state.next_position,
-                                                 state.slot)
-    with torch.inference_mode():
-        present = list(range(len(prompts)))  # the request row held in each batch row
+
+@dataclass
+class StreamRow:
+    """A request waiting for a batch row: its sampler row and its prompt's tokens."""
+
+    row: int
+    tokens: list[int]
+
+
+class StreamQueue:
+    """A :class:`DecodeStream`'s queue, made on demand from a queue of (request, seed) that may grow
+    while the stream runs: ``make`` turns one into a :class:`StreamRow` (tokens, sampler row)."""
+
+    def __init__(self, items: deque[tuple[Any, int]], make: Callable[[Any, int], StreamRow]):
+        self.items, self.make = items, make
+        self.rows: deque[StreamRow] = deque()
+        self.requests: dict[int, Any] = {}  # sampler row -> its request
+
+    def _pull(self) -> deque[StreamRow]:
+        while self.items:
+            request, seed = self.items.popleft()
+            row = self.make(request, seed)
+            self.requests[row.row] = request
+            self.rows.append(row)
+        return self.rows
+
+    def __bool__(self) -> bool:
+        return bool(self._pull())
+
+    def __iter__(self) -> Iterator[StreamRow]:
+        return iter(list(self._pull()))
+
+    def __getitem__(self, index: int) -> StreamRow:
+        return self._pull()[index]
+
+    def remove(self, row: StreamRow) -> None:
+        self.rows.remove(row)
+
+
+class DecodeStream:
+    """Continuous batching: up to ``max_rows`` rows decode together; a finished row leaves at once and
+    queued rows (a retry appended while the stream runs included) join the running batch.
+
+    A *segment* is one cache layout: the shared prefix P (common to the queue when it starts) in
+    slots [0, P), then all rows write slot ``s`` together. A row joins at the current ``s``: its
+    suffix is prefilled right-aligned in slots [s - L, s) of its own cache row (the slots between P
+    and s - L are masked: it attends exactly its own tokens at their own positions). When ``s``
+    would pass the capacity, the slots after P are moved down over the gap no row attends any more
+    (the same shift for every row: all rows' own tokens end at ``s - 1``). Rows that do not share P,
+    or whose suffix is longer than the room before ``s``, wait; when no row is left, a new segment
+    starts with the queue as it is then.
+    """
+
+    def __init__(self, forward: _Forward, store: PrefixStore | None, sampler: GuidedSampler, max_rows: int,
+                 device: Any):
+        self.forward, self.store, self.sampler = forward, store, sampler
+        self.max_rows, self.device = max(1, max_rows), device
+
+    def run(self, queue: deque[StreamRow] | StreamQueue) -> Iterator[tuple[int, RowOutcome]]:
+        """Yield (sampler row, outcome) as rows finish; rows appended to ``queue`` meanwhile are served too."""
+        import torch
+
+        with torch.inference_mode():
+            while queue:
+                yield from self._segment(queue)
+
+    def _segment(self, queue: Any) -> Iterator[tuple[int, RowOutcome]]:
+        import torch
+
+        B, sampler, device = self.max_rows, self.sampler, self.device
+        prompts = [r.tokens for r in queue]
+        P = common_prefix_length(prompts, self.store.block) if self.store is not None else 0
+        self.P, self.prefix = P, tuple(prompts[0][:P])
+        limit = max(sampler.limits[r.row] for r in queue)
+        self.capacity = max(len(t) for t in prompts) + 2 * limit  # P + the longest suffix + room to shift
+        self.cache = self.forward.new_cache(self.capacity, B)
+        self.valid = torch.zeros(B, self.capacity, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(B, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)
+        self.start_slot = [0] * B
+        self.present: list[int] = []  # the sampler row held in each batch row
+        first = self._take(queue, B, room=None)
+        self.s = P + max(len(r.tokens) - P for r in first)
+        self._admit(first)
         while True:
-            tokens = sampler.step(logits, present)
-            if sampler.all_done():
+            yield from self._drop_finished()
+            free = B - len(self.present)
+            if queue and (not self.present or free >= max(1, B // 4)):
+                joining = self._take(queue, free, room=self._make_room(queue, free))
+                if joining:
+                    self._admit(joining)
+                    continue  # a joining row may already be done (a grammar that forces every token)
+            if not self.present:
+                return
+            self._step()
+
+    def _take(self, queue: Any, n: int, room: int | None) -> list[StreamRow]:
+        """Up to n queued rows, in queue order, that share the prefix and fit (suffix <= room, limit fits)."""
+        taken: list[StreamRow] = []
+        for r in list(queue):
+            if len(taken) >= n:
                 break
-            keep = [i for i, r in enumerate(present) if not sampler.done[r]]
-            if len(present) - len(keep) >= max(1, len(present) // 4):
-                # Drop finished rows from the batch: later steps compute only rows still writing.
-                index = torch.tensor(keep, device=device)
-                cache.keep_rows(index)
-                valid, next_position, tokens = valid[index], next_position[index], tokens[index]
-                present = [present[i] for i in keep]
-            valid[:, slot] = True
-            logits = forward(cache, slot, tokens.view(-1, 1), next_position.view(-1, 1),
-                             valid[:, None, None, :slot + 1])
-            next_position += 1
-            slot += 1
-    return sampler.outcomes()
+            own = len(r.tokens) - self.P
+            fits = room is None or (own <= room and self.s + self.sampler.limits[r.row] <= self.capacity)
+            if own >= 1 and tuple(r.tokens[:self.P]) == self.prefix and fits:
+                taken.append(r)
+                queue.remove(r)
+        return taken
+
+    def _make_room(self, queue: Any, n: int) -> int:
+        """Move the slots down when a joining row's limit would pass the capacity; the suffix room left."""
+        limit = max(self.sampler.limits[r.row] for r in queue)
+        if self.s + limit > self.capacity and self.present:
+            want = max(len(r.tokens) - self.P for r in list(queue)[:n])
+            own = self.s - min(self.start_slot[i] for i in range(len(self.present)))
+            target = self.P + max(own, want)
+            if target < self.s:
+                delta = self.s - target
+                self.cache.shift_slots(self.P + delta, self.P, target - self.P)
+                n_rows = len(self.present)
+                self.valid[:n_rows, self.P:target] = self.valid[:n_rows, self.P + delta:self.s].clone()
+                self.valid[:, target:] = False
+                self.start_slot = [max(self.P, slot - delta) for slot in self.start_slot]
+                self.s = target
+        return self.s - self.P
+
+    def _admit(self, rows: list[StreamRow]) -> None:
+        """Prefill the rows' suffixes to end at slot s - 1 in batch rows [n, n + k); choose their first tokens."""
+        import torch
+
+        P, at, device = self.P, self.s, self.device
+        lo, k = len(self.present), len(rows)
+        if P:
+            self.cache.put_prefix(self.store.kv(self.forward, list(self.prefix), device), lo, lo + k)
+        suffixes = [r.tokens[P:] for r in rows]
+        width = max(len(x) for x in suffixes)
+        ids = torch.zeros(k, width, dtype=torch.long, device=device)
+        positions = torch.full((k, width), P, dtype=torch.long, device=device)
+        self.valid[lo:lo + k] = False
+        self.valid[lo:lo + k, :P] = True
+        for i, suffix in enumerate(suffixes):
+            gap = width - len(suffix)
+            ids[i, gap:] = torch.tensor(suffix, dtype=torch.long)
+            positions[i, gap:] = torch.arange(P, P + len(suffix))
+            self.valid[lo + i, at - len(suffix):at] = True
+            self.start_slot[lo + i] = at - len(suffix)
+        slots = torch.arange(at, device=device)
+        queries = slots[at - width:]
+        causal = slots.view(1, -1) <= queries.view(-1, 1)  # [width, at]
+        mask = self.valid[lo:lo + k, None, None, :at] & causal[None, None]
+        mask |= (slots.view(1, -1) == queries.view(-1, 1))[None, None]  # gap queries see themselves
+        self.cache.lo = lo
+        try:
+            logits = self.forward(self.cache, at - width, ids, positions, mask)
+        finally:
+            self.cache.lo = 0
+        self.next_position[lo:lo + k] = positions[:, -1] + 1
+        joined = [r.row for r in rows]
+        self.tokens[lo:lo + k] = self.sampler.step(logits, joined)
+        self.present += joined
+
+    def _drop_finished(self) -> Iterator[tuple[int, RowOutcome]]:
+        """Yield the finished rows; the last batch row takes each one's place (the batch stays [0, n))."""
+        i = 0
+        while i < len(self.present):
+            row = self.present[i]
+            if not self.sampler.done[row]:
+                i += 1
+                continue
+            last = len(self.present) - 1
+            if i != last:
+                self.cache.move_row(last, i, self.s)
+                self.valid[i] = self.valid[last]
+                self.next_position[i] = self.next_position[last]
+                self.tokens[i] = self.tokens[last]
+                self.start_slot[i] = self.start_slot[last]
+                self.present[i] = self.present[last]
+            self.present.pop()
+            yield row, self.sampler.outcome(row)
+
+    def _step(self) -> None:
+        """Every row's chosen token into slot s; the next tokens."""
+        n, s = len(self.present), self.s
+        self.valid[:n, s] = True
+        logits = self.forward(self.cache, s, self.tokens[:n].view(-1, 1), self.next_position[:n].view(-1, 1),
+                              self.valid[:n, None, None, :s + 1])
+        self.next_position[:n] += 1
+        self.s = s + 1
+        self.tokens[:n] = self.sampler.step(logits, self.present)
 
 
 class GuidedSampler:
@@ -297,27 +485,36 @@ class GuidedSampler:
 
     def __init__(self, matchers: list[Any], seeds: list[int], limits: list[int], temperature: float,
                  top_p: float, eos_token_id: int, vocab: int, device: Any):
-        import torch
-
-        self.matchers = matchers
-        self.limits = limits
         self.temperature = temperature
         self.top_p = top_p
         self.eos_token_id = eos_token_id
         self.vocab = vocab
         self.device = device
-        self.tokens: list[list[int]] = [[] for _ in matchers]
-        self.done = [False] * len(matchers)
-        self.finished = [False] * len(matchers)
-        self.errors: list[str | None] = [None] * len(matchers)
+        self.matchers: list[Any] = []
+        self.limits: list[int] = []
+        self.tokens: list[list[int]] = []
+        self.done: list[bool] = []
+        self.finished: list[bool] = []
+        self.errors: list[str | None] = []
         # Row r's t-th draw is uniforms[r][t], from its own generator: independent of the other rows.
-        self.uniforms = None
-        if temperature > 0.0:
-            width = max(limits)
-            self.uniforms = torch.stack([
-                torch.nn.functional.pad(torch.rand(limit, generator=torch.Generator().manual_seed(seed)),
-                                        (0, width - limit)) for seed, limit in zip(seeds, limits)]).to(device)
+        self.uniforms: list[Any] = []
         self._bitmask = None
+        for matcher, seed, limit in zip(matchers, seeds, limits):
+            self.add(matcher, seed, limit)
+
+    def add(self, matcher: Any, seed: int, limit: int) -> int:
+        """A new row (a request joining a running stream); its row number."""
+        import torch
+
+        self.matchers.append(matcher)
+        self.limits.append(limit)
+        self.tokens.append([])
+        self.done.append(False)
+        self.finished.append(False)
+        self.errors.append(None)
+        if self.temperature > 0.0:
+            self.uniforms.append(torch.rand(limit, generator=torch.Generator().manual_seed(seed)).to(self.device))
+        return len(self.matchers) - 1
 
     def forced_start(self, row: int) -> list[int]:
         """Consume and return the row's first tokens while its mask allows exactly one token."""
@@ -339,7 +536,10 @@ class GuidedSampler:
         return all(self.done)
 
     def outcomes(self) -> list[RowOutcome]:
-        return [RowOutcome(t, f, e) for t, f, e in zip(self.tokens, self.finished, self.errors)]
+        return [self.outcome(r) for r in range(len(self.matchers))]
+
+    def outcome(self, row: int) -> RowOutcome:
+        return RowOutcome(self.tokens[row], self.finished[row], self.errors[row])
 
     def step(self, logits: Any, present: Sequence[int]) -> Any:
         """Tokens for the batch rows (``present[i]`` = request row of batch row i; EOS where finished).
@@ -353,19 +553,18 @@ class GuidedSampler:
         active = [i for i, r in enumerate(present) if not self.done[r]]
         if not active:
             return chosen
-        if self._bitmask is None:
+        if self._bitmask is None or self._bitmask.shape[0] < len(active):
             self._bitmask = lltorch.allocate_token_bitmask(len(present), self.vocab)
         for n, i in enumerate(active):
             lltorch.fill_next_token_bitmask(self.matchers[present[i]], self._bitmask, n)
         index = torch.tensor(active, device=logits.device)
         allowed = unpack_bitmask(self._bitmask[:len(active)], self.vocab).to(logits.device)
         scores = logits.index_select(0, index).float()[:, :self.vocab].masked_fill(~allowed, float("-inf"))
-        if self.uniforms is None:
+        if self.temperature <= 0.0:
             picked = torch.argmax(scores, dim=-1)
         else:
-            rows = torch.tensor([present[i] for i in active], device=logits.device)
-            draws = torch.tensor([len(self.tokens[present[i]]) for i in active], device=logits.device)
-            picked = self._sample(scores, self.uniforms[rows, draws])
+            draws = torch.stack([self.uniforms[present[i]][len(self.tokens[present[i]])] for i in active])
+            picked = self._sample(scores, draws)
         chosen[index] = picked
         for i, token in zip(active, picked.tolist()):
             self._feed(present[i], token)

@@ -45,9 +45,12 @@ from sage_builder.llm.base import (
     request_temperature,
 )
 from sage_builder.llm.prefix_decoding import (
+    DecodeStream,
     GuidedSampler,
     PrefixStore,
     RowOutcome,
+    StreamQueue,
+    StreamRow,
     decode_batch,
     make_forward,
     supports_cached_decoding,
@@ -151,6 +154,44 @@ class TransformersBackend(LLMBackend):
     def _vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+    @staticmethod
+    def _by_temperature(config, batch):  # type: ignore[no-untyped-def]
+        """Per temperature (first seen first), the items sorted by the length of their messages (stable)."""
+        groups: dict[float, list[tuple[Any, int]]] = {}
+        for item in batch:
+            groups.setdefault(request_temperature(config, item[0]), []).append(item)
+        return [sorted(items, key=lambda item: sum(len(m.get("content") or "") for m in item[0].messages))
+                for items in groups.values()]
+
+    @classmethod
+    def plan_streams(cls, config, batch):  # type: ignore[no-untyped-def]
+        """One stream per temperature, similar lengths together (a stream samples at one temperature)."""
+        return cls._by_temperature(config, batch)
+
+    def streams_retries(self) -> bool:
+        self._load()
+        return self._forward is not None
+
+    def _stream(self, queue):  # type: ignore[no-untyped-def]
+        """The cached engine as a continuous batch of ``llm.batch_size`` rows (``DecodeStream``)."""
+        tok = self.tokenizer
+        first = queue[0][0]
+        sampler = GuidedSampler([], [], [], request_temperature(self.config, first), self.config.top_p,
+                                tok.eos_token_id, self._vocab_size(), self.device)
+        rows = StreamQueue(queue, lambda request, seed: self._stream_row(sampler, request, seed))
+        stream = DecodeStream(self._forward, self.prefix_store, sampler, self.config.batch_size, self.device)
+        for row, outcome in stream.run(rows):
+            request = rows.requests.pop(row)
+            yield request.key, _reply(tok.decode(outcome.tokens, skip_special_tokens=True), outcome,
+                                      sampler.limits[row])
+
+    def _stream_row(self, sampler: GuidedSampler, request: LLMRequest, seed: int) -> StreamRow:
+        text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+        limit = request.max_new_tokens or self.config.max_new_tokens
+        row = sampler.add(self._matcher(request), seed, limit)
+        tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] + sampler.forced_start(row)
+        return StreamRow(row, tokens)
+
     @classmethod
     def plan_chunks(cls, config, batch):  # type: ignore[no-untyped-def]
         """``llm.batch_size`` requests per ``generate`` call, similar lengths together (less padding).
@@ -159,15 +200,9 @@ class TransformersBackend(LLMBackend):
         cuts exactly as this process would (the sort is stable: ties keep the request order). A call
         samples at one temperature: requests with their own are cut apart, first seen first.
         """
-        groups: dict[float, list[tuple[Any, int]]] = {}
-        for item in batch:
-            groups.setdefault(request_temperature(config, item[0]), []).append(item)
         size = config.batch_size
-        chunks = []
-        for items in groups.values():
-            ordered = sorted(items, key=lambda item: sum(len(m.get("content") or "") for m in item[0].messages))
-            chunks += [ordered[start:start + size] for start in range(0, len(ordered), size)]
-        return chunks
+        return [ordered[start:start + size] for ordered in cls._by_temperature(config, batch)
+                for start in range(0, len(ordered), size)]
 
     def _complete(self, batch: Sequence[tuple[LLMRequest, int]]) -> Iterator[tuple[str, str | TransportFailure]]:
         self._load()
