@@ -21,6 +21,10 @@ Rows add one lever each:
 - ``+threads``: the new path with the thread count the backend picks from idle cores;
 - ``+batchN`` (e.g. ``+batch16``, ``+batch32``): the new path with N prompts per engine call instead
   of the demo's batch size (execution-only, like the engine: more rows share each pass over the weights).
+  Every row but ``+streamN`` runs its engine calls chunk after chunk (``streams_retries`` off);
+- ``+streamN``: continuous batching, N rows at most (what the backend does now): a finished row
+  leaves at once and the next request joins the running batch. Here each request is asked once
+  (``max_attempts: 1``), so the retries that join the stream in a stage run are not part of it.
 
 A row named ``ROW@old`` runs ROW on the templates of ``--old-templates`` (a git revision; default
 the commit before the templates put their per-request fields last) at the old demo's batch size (8)
@@ -114,12 +118,16 @@ def row_backend(base: TransformersBackend, row: str) -> TransformersBackend:
         update["batch_size"] = OLD_BATCH_SIZE
     if row.startswith("+batch"):
         update["batch_size"] = int(row.removeprefix("+batch"))
+    if row.startswith("+stream"):
+        update["batch_size"] = int(row.removeprefix("+stream"))
     backend = (SamplerInGenerate if row == "+sampler" else TransformersBackend)(base.config.model_copy(update=update))
     backend.model, backend.tokenizer, backend.device = base.model, base.tokenizer, base.device
     backend._ll_tokenizer = base._ll_tokenizer
     backend._forward = make_forward(base.model) if decoder == "cached" else None
     if row == "+cache":
         backend.prefix_store = None
+    if not row.startswith("+stream"):
+        backend.streams_retries = lambda: False  # type: ignore[method-assign]  # chunk after chunk, as before
     return backend
 
 

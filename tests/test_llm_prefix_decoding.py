@@ -162,3 +162,66 @@ def test_smollm2_demo_template_greedy_equals_generate(smollm2_dir):
     # Float summation order differs between the engines, so a near-tie could flip one token of one reply;
     # in the runs so far all were equal.
     assert sum(cached[k] == generated[k] for k in cached) >= len(cached) - 1, (cached, generated)
+
+
+def _reject_first_reply():
+    calls = []
+
+    def check(value):
+        calls.append(value)
+        return "first_reply_rejected" if len(calls) == 1 else None
+    return check
+
+
+def test_a_failed_reply_is_retried_inside_the_running_stream(tiny_llama, monkeypatch):
+    """Retries join the stream (one engine run for both attempts) with the attempt loop's seeds and replies."""
+    from sage_builder.llm.base import derive_seed
+    from sage_builder.llm.transformers_backend import TransformersBackend
+
+    def with_retries() -> list[LLMRequest]:
+        return [LLMRequest(r.key, r.messages, r.schema, check=_reject_first_reply() if i % 2 == 0 else None)
+                for i, r in enumerate(shared_requests(8))]
+
+    streams = []
+    real_stream = TransformersBackend._stream
+    monkeypatch.setattr(TransformersBackend, "_stream", lambda self, queue: (streams.append(1),
+                                                                              real_stream(self, queue))[1])
+    with backend(tiny_llama, max_attempts=2, batch_size=3) as llm:
+        streamed = {r.key: r for r in llm.run(with_retries())}
+        sent = llm.usage()["requests"]
+    assert len(streams) == 1 and sent == 8 + 4  # attempt 2 of the four rejected ran in the same stream
+    for i in range(8):
+        result = streamed[f"user{i}"]
+        assert result.ok and result.attempts == (2 if i % 2 == 0 else 1)
+        assert result.seed == derive_seed(5, f"user{i}", result.attempts)
+        assert result.errors == (["attempt 1: first_reply_rejected"] if i % 2 == 0 else [])
+
+    monkeypatch.setattr(TransformersBackend, "streams_retries", lambda self: False)
+    with backend(tiny_llama, max_attempts=2, batch_size=3) as llm:
+        looped = {r.key: r for r in llm.run(with_retries())}
+    assert {k: (r.attempts, r.seed) for k, r in looped.items()} == {k: (r.attempts, r.seed) for k, r in streamed.items()}
+    # Same seeds and prompts, other batch layouts: equal up to float near-ties of the random tiny model.
+    assert sum(looped[k].raw == streamed[k].raw for k in streamed) >= 7
+
+
+def test_rows_joining_a_small_stream_move_the_slots_down_and_keep_their_replies(tiny_llama, monkeypatch):
+    """Two rows at a time for ten sampled requests: rows join as others finish, the slots are shifted down when
+    the write slot nears the capacity, and the replies equal those of one batch of ten."""
+    from sage_builder.llm import prefix_decoding
+
+    shifts = []
+    real = prefix_decoding.DecodeStream._make_room
+
+    def spy(self, queue, n):
+        before, present = self.s, len(self.present)
+        room = real(self, queue, n)
+        if present and self.s < before:
+            shifts.append((before, self.s))
+        return room
+    monkeypatch.setattr(prefix_decoding.DecodeStream, "_make_room", spy)
+    small, _ = replies(tiny_llama, shared_requests(10), batch_size=2, max_new_tokens=32)
+    assert shifts, "the write slot never neared the capacity"
+    whole, _ = replies(tiny_llama, shared_requests(10), batch_size=10, max_new_tokens=32)
+    assert sum(v is not None for v in small.values()) >= 5
+    # Same seeds, other batch layouts: equal up to float near-ties of the random tiny model.
+    assert sum(small[k] == whole[k] for k in small) >= 9, (small, whole)

@@ -9,9 +9,11 @@ row's own ``torch.Generator`` seeded with the request's seed.
 
 Two engines, chosen by ``llm.decoder`` (execution-only: it never enters item keys):
 
-- ``cached`` (default, ``prefix_decoding.py``): the chunk's shared prompt prefix is prefilled once
-  per model and reused across chunks, each row prefills only its own suffix into a pre-allocated
-  cache, finished rows are skipped and top-p runs for all rows at once.
+- ``cached`` (default, ``prefix_decoding.py``): the requests' shared prompt prefix is prefilled once
+  per model and reused, each row prefills only its own suffix into a pre-allocated cache, and the
+  batch is continuous: ``llm.batch_size`` rows at most, a finished row leaves at once, waiting
+  requests and retries of failed replies join the running batch (``_stream``); top-p runs for all
+  rows at once. The Ray executor's engine calls still go through ``_complete`` (chunks).
 - ``generate``: transformers' ``generate`` over left-padded whole prompts with
   :class:`ConstrainedSampler` as logits processor (the earlier path, kept for comparison).
 
