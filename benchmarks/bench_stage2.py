@@ -15,7 +15,9 @@ concepts and checks:
 
 Per path it prints the stage's seconds (its manifest), engine requests, kept pairs, requests per
 kept pair, rejected attempts, the torch threads the backend chose and the decoder; then the speed-up
-(old seconds / new seconds) and the load average before and after each path.
+(old seconds / new seconds), the load average before and after each path, and the CPU time the
+hypervisor stole during each path (``/proc/stat``; a VM's neighbours can slow one path and not the
+other, so a ratio with much steal on one side is not a clean figure).
 
     python benchmarks/bench_stage2.py                      # old, then new
     python benchmarks/bench_stage2.py --paths new old      # the other order
@@ -48,8 +50,18 @@ def old_overrides(revision: str, folder: Path) -> list[str]:
     return sets
 
 
+def cpu_steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to others (``/proc/stat`` steal, all cores); None where unreadable."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_path(config: Path, run: Path, sets: list[str]) -> dict:
     before = os.getloadavg()[0]
+    steal_before = cpu_steal_seconds()
     command = [sys.executable, "-m", "sage_builder.cli", "stage", "prompts", "--config", str(config),
                "--run-dir", str(run)]
     for item in sets:
@@ -64,7 +76,8 @@ def run_path(config: Path, run: Path, sets: list[str]) -> dict:
             "slots": stats["pair_slots"], "rejected": stats["rejected_attempts"],
             "threads": usage.get("threads"), "decoder": usage.get("decoder"),
             "edit_similarity": stats.get("edit_similarity_mean"), "concept_named": stats.get("concept_named_share"),
-            "load_before": before, "load_after": os.getloadavg()[0]}
+            "load_before": before, "load_after": os.getloadavg()[0],
+            "steal": None if steal_before is None else cpu_steal_seconds() - steal_before}
 
 
 def main() -> None:
@@ -89,7 +102,8 @@ def main() -> None:
         print(f"{path}: {r['seconds']:.1f} s, {r['requests']} requests, {r['pairs']}/{r['slots']} pairs kept, "
               f"{r['requests'] / max(r['pairs'], 1):.2f} requests per kept pair, {r['rejected']} rejected attempts, "
               f"decoder {r['decoder']}, {r['threads']} threads, edit similarity {r['edit_similarity']}, concept "
-              f"named {r['concept_named']}; load {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
+              f"named {r['concept_named']}; load {r['load_before']:.2f} -> {r['load_after']:.2f}; CPU steal "
+              f"{'not readable' if r['steal'] is None else format(r['steal'], '.1f') + ' core-s'}", flush=True)
     if {"old", "new"} <= results.keys():
         print(f"speed-up old/new: {results['old']['seconds'] / results['new']['seconds']:.2f}x by stage seconds; "
               f"{results['old']['seconds'] / results['old']['requests']:.2f} vs "

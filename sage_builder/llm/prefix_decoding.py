@@ -291,7 +291,9 @@ def prefill(forward: _Forward, store: PrefixStore | None, prompts: Sequence[Sequ
 def decode_batch(forward: _Forward, store: PrefixStore | None, prompts: Sequence[Sequence[int]],
                  sampler: GuidedSampler, device: Any) -> list[RowOutcome]:
     """Generate for every row (sampler rows 0..n-1) in one batch; outcomes in row order."""
-    queue = deque(StreamRow(r, list(p)) for r, p in enumerate(prompts))
+    # Tokens the grammar alone decides (the only one its mask allows, e.g. '{"' and the first key)
+    # need no logits: they join the prompt's prefill instead of costing a decoding step each.
+    queue = deque(StreamRow(r, list(p) + sampler.forced_start(r)) for r, p in enumerate(prompts))
     outcomes = dict(DecodeStream(forward, store, sampler, len(prompts), device).run(queue))
     return [outcomes[r] for r in range(len(prompts))]
 
