@@ -228,14 +228,10 @@ class LLMBackend(ABC):
                 request = pending.get(key)
                 if request is None:
                     continue
-                value, reason, detail = judge_reply(request, raw)
-                raw_text = raw if isinstance(raw, str) else None
-                if reason is not None:
-                    errors[key].append(f"attempt {attempt}: {reason}" + (f" ({detail})" if detail else ""))
-                    if attempt < self.config.max_attempts:
-                        continue
+                result = self._settle(request, raw, attempt, seeds[key], errors)
+                if result is None:
+                    continue
                 del pending[key]
-                result = LLMResult(key, value, raw_text, reason, attempt, seeds[key], errors.pop(key))
                 if progress is not None:
                     progress(result)
                 yield result
@@ -243,6 +239,17 @@ class LLMBackend(ABC):
             # A backend that dropped a request must not make it vanish silently.
             result = LLMResult(key, None, None, "no_reply", self.config.max_attempts, -1, errors.pop(key, []))
             yield result
+
+    def _settle(self, request: LLMRequest, raw: str | TransportFailure, attempt: int, seed: int,
+                errors: dict[str, list[str]]) -> LLMResult | None:
+        """One attempt's result; None when it failed with attempts left (its error is recorded)."""
+        value, reason, detail = judge_reply(request, raw)
+        if reason is not None:
+            errors[request.key].append(f"attempt {attempt}: {reason}" + (f" ({detail})" if detail else ""))
+            if attempt < self.config.max_attempts:
+                return None
+        return LLMResult(request.key, value, raw if isinstance(raw, str) else None, reason, attempt, seed,
+                         errors.pop(request.key))
 
     def streams_retries(self) -> bool:
         """True when ``_stream`` serves a queue that grows while it runs (continuous batching)."""
@@ -269,19 +276,14 @@ class LLMBackend(ABC):
                 request = pending.get(key)
                 if request is None:
                     continue
-                attempt = attempts[key]
-                value, reason, detail = judge_reply(request, raw)
-                if reason is not None:
-                    errors[key].append(f"attempt {attempt}: {reason}" + (f" ({detail})" if detail else ""))
-                    if attempt < self.config.max_attempts:
-                        attempts[key] = attempt + 1
-                        seeds[key] = derive_seed(self.config.seed, key, attempt + 1)
-                        queue.append((request, seeds[key]))
-                        self.requests_sent += 1
-                        continue
+                result = self._settle(request, raw, attempts[key], seeds[key], errors)
+                if result is None:  # failed, attempts left: the retry joins this stream
+                    attempts[key] += 1
+                    seeds[key] = derive_seed(self.config.seed, key, attempts[key])
+                    queue.append((request, seeds[key]))
+                    self.requests_sent += 1
+                    continue
                 del pending[key]
-                result = LLMResult(key, value, raw if isinstance(raw, str) else None, reason, attempt, seeds[key],
-                                   errors.pop(key))
                 if progress is not None:
                     progress(result)
                 yield result
