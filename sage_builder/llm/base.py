@@ -221,10 +221,7 @@ class LLMBackend(ABC):
             batch = [(req, derive_seed(self.config.seed, key, attempt)) for key, req in pending.items()]
             seeds = {req.key: seed for req, seed in batch}
             self.requests_sent += len(batch)
-            started = time.monotonic()
-            for key, raw in self._complete(batch):
-                self.busy_seconds += time.monotonic() - started
-                started = time.monotonic()
+            for key, raw in self._timed(self._complete(batch)):
                 request = pending.get(key)
                 if request is None:
                     continue
@@ -239,6 +236,15 @@ class LLMBackend(ABC):
             # A backend that dropped a request must not make it vanish silently.
             result = LLMResult(key, None, None, "no_reply", self.config.max_attempts, -1, errors.pop(key, []))
             yield result
+
+    def _timed(self, replies: Iterator[tuple[str, str | TransportFailure]]
+               ) -> Iterator[tuple[str, str | TransportFailure]]:
+        """The engine's replies, its wall seconds (not the caller's) added to ``busy_seconds``."""
+        started = time.monotonic()
+        for reply in replies:
+            self.busy_seconds += time.monotonic() - started
+            yield reply
+            started = time.monotonic()
 
     def _settle(self, request: LLMRequest, raw: str | TransportFailure, attempt: int, seed: int,
                 errors: dict[str, list[str]]) -> LLMResult | None:
@@ -269,10 +275,7 @@ class LLMBackend(ABC):
         for group in self.plan_streams(self.config, [(req, seeds[key]) for key, req in pending.items()]):
             queue = deque(group)
             self.requests_sent += len(group)
-            started = time.monotonic()
-            for key, raw in self._stream(queue):
-                self.busy_seconds += time.monotonic() - started
-                started = time.monotonic()
+            for key, raw in self._timed(self._stream(queue)):
                 request = pending.get(key)
                 if request is None:
                     continue
